@@ -1,0 +1,34 @@
+"""Shared test settings: the one tolerance table, seeded generators, and the backend fixture."""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+# The tolerance table: every numeric comparison in the suite uses one of these.
+TOL = {
+    "grad_rel": 1e-6,        # float64 gradient check: max relative error (tinymoe.gradcheck)
+    "f64_exact": 1e-10,      # float64 paths that must agree (absorbed vs naive, cached vs full)
+    "f64_close": 1e-12,      # float64 results against an explicit-loop recomputation
+    "f32_rtol": 1e-5,        # float32 twin agreement, relative
+    "f32_atol": 1e-6,        # float32 twin agreement, absolute
+    "f32_vs_f64": 1e-4,      # a float32 forward against the float64 one (values of order 1)
+}
+
+
+@pytest.fixture
+def tol():
+    return TOL
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def backend(request, monkeypatch):
+    """Run a test under both kernel backends (TINYMOE_BACKEND)."""
+    monkeypatch.setenv("TINYMOE_BACKEND", request.param)
+    return request.param

@@ -1,0 +1,33 @@
+"""Scatter-adds: out[idx[n]] += src[n] (embedding backward, MoE combine backward, ...)."""
+from __future__ import annotations
+
+import numpy as np
+
+from tinymoe.kernels import get, register
+
+
+# ------------------------------------------------------------------------------------------------
+
+def scatter_add_rows_numpy(idx: np.ndarray, src: np.ndarray, n_rows: int) -> np.ndarray:
+    """[N] int, [N, D] -> [n_rows, D]: out[idx[n], :] += src[n, :], repeated indices accumulate."""
+    out = np.zeros((n_rows, src.shape[1]), dtype=src.dtype)
+    np.add.at(out, idx, src)
+    return out
+
+
+def _scatter_add_rows_loops(idx, src, n_rows):
+    out = np.zeros((n_rows, src.shape[1]), dtype=src.dtype)
+    for n in range(idx.shape[0]):          # tokens in order, same as np.add.at
+        row = idx[n]
+        for d in range(src.shape[1]):      # one row of D values
+            out[row, d] += src[n, d]
+    return out
+
+
+register("scatter_add_rows", scatter_add_rows_numpy, _scatter_add_rows_loops)
+
+
+def scatter_add_rows(idx: np.ndarray, src: np.ndarray, n_rows: int) -> np.ndarray:
+    """[N] int, [N, D] -> [n_rows, D] with the active backend (see scatter_add_rows_numpy)."""
+    return get("scatter_add_rows")(np.ascontiguousarray(idx, dtype=np.int64),
+                                   np.ascontiguousarray(src), int(n_rows))

@@ -1,0 +1,224 @@
+"""Basic layers as forward/backward pairs: linear, embedding, SwiGLU MLP, softmax, cross-entropy.
+
+Every forward returns `(out, cache)`; every backward takes the upstream gradient and that cache
+and returns fresh arrays. Linear weights are stored [out, in] and applied as `x @ W.T`, as in
+every DeepSeek checkpoint. Shape letters: N rows (tokens), D in-features, F hidden width, V vocab.
+
+    y = x @ W.T                                   linear
+    y = E[tokens]                                 embedding (backward: scatter-add into E)
+    y = (silu(x @ W1.T) * (x @ W3.T)) @ W2.T      SwiGLU MLP (DeepSeek `MLP` / `Expert`)
+    p = exp(x - max x) / sum exp(x - max x)       softmax over the last axis
+    L = mean_{n: t_n != -100} -log softmax(z_n)[t_n]   cross-entropy
+"""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from tinymoe.checks import check_float, check_same_dtype, check_shape, check_tokens
+from tinymoe.kernels.scatter import scatter_add_rows
+
+IGNORE_INDEX = -100
+
+
+# ================================================================================================
+# linear
+# ================================================================================================
+
+class LinearCache(NamedTuple):
+    x: np.ndarray   # [..., In] the input
+    w: np.ndarray   # [Out, In] the weight
+
+
+def linear_forward(x: np.ndarray, w: np.ndarray):
+    """[..., In], [Out, In] -> [..., Out]:  y = x @ W.T  (no bias anywhere in DeepSeek)."""
+    check_float("x", x)
+    check_float("w", w, ndim=2)
+    check_same_dtype(("x", "w"), x, w)
+    if x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x: last dimension {x.shape[-1]} does not match w's in-features "
+                         f"{w.shape[1]} (w is [out, in] = {list(w.shape)})")
+    y = x @ w.T                                                  # [..., Out]
+    return y, LinearCache(x, w)
+
+
+def linear_backward(dy: np.ndarray, cache: LinearCache):
+    """[..., Out] -> dx [..., In], dw [Out, In].
+
+    dx = dy @ W;  dW = sum over rows of dy^T x.
+    """
+    x, w = cache
+    # forward: y = x @ w.T
+    dx = dy @ w                                                  # [..., In]
+    dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])   # [Out, In]
+    return dx, dw
+
+
+# ================================================================================================
+# embedding
+# ================================================================================================
+
+class EmbeddingCache(NamedTuple):
+    tokens: np.ndarray   # [...] int token ids
+    n_rows: int          # V, rows of the table
+    dtype: np.dtype      # dtype of the table
+
+
+def embedding_forward(tokens: np.ndarray, w: np.ndarray):
+    """[...] int, [V, D] -> [..., D]:  y = W[tokens]  (no sqrt(D) scaling, as in DeepSeek)."""
+    check_float("w", w, ndim=2)
+    check_tokens("tokens", tokens, w.shape[0])
+    y = w[tokens]                                                # [..., D]
+    return y, EmbeddingCache(tokens, w.shape[0], w.dtype)
+
+
+def embedding_backward(dy: np.ndarray, cache: EmbeddingCache):
+    """[..., D] -> dW [V, D]: a scatter-add, repeated tokens accumulate (numba kernel + twin)."""
+    tokens, n_rows, _ = cache
+    # forward: y = w[tokens]
+    dw = scatter_add_rows(tokens.reshape(-1), dy.reshape(-1, dy.shape[-1]), n_rows)  # [V, D]
+    return dw
+
+
+# ================================================================================================
+# SwiGLU MLP
+# ================================================================================================
+
+def silu(a: np.ndarray) -> np.ndarray:
+    """silu(a) = a * sigmoid(a), computed without overflow."""
+    return a * sigmoid(a)
+
+
+def sigmoid(a: np.ndarray) -> np.ndarray:
+    """1 / (1 + exp(-a)), stable for large |a| (exp never overflows)."""
+    e = np.exp(-np.abs(a))
+    return np.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(a.dtype, copy=False)
+
+
+class SwiGLUCache(NamedTuple):
+    x: np.ndarray    # [N, D]  input
+    h1: np.ndarray   # [N, F]  x @ W1.T (gate pre-activation)
+    h3: np.ndarray   # [N, F]  x @ W3.T (up projection)
+    sg: np.ndarray   # [N, F]  sigmoid(h1)
+    g: np.ndarray    # [N, F]  silu(h1) * h3
+    w1: np.ndarray   # [F, D]
+    w2: np.ndarray   # [D, F]
+    w3: np.ndarray   # [F, D]
+
+
+def swiglu_forward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray):
+    """[N, D], W1 [F, D], W2 [D, F], W3 [F, D] -> [N, D].
+
+    y = (silu(x W1^T) * (x W3^T)) W2^T   (DeepSeek `MLP`/`Expert`; W1 gate_proj, W3 up_proj,
+    W2 down_proj). Used for the dense FFN, each routed expert and the fused shared experts.
+    """
+    check_float("x", x, ndim=2)
+    for name, w in (("w1", w1), ("w2", w2), ("w3", w3)):
+        check_float(name, w, ndim=2)
+    check_same_dtype(("x", "w1", "w2", "w3"), x, w1, w2, w3)
+    F, D = w1.shape
+    if x.shape[1] != D:
+        raise ValueError(f"x: last dimension {x.shape[1]} does not match w1's in-features {D}")
+    check_shape("w3", w3, (F, D))
+    check_shape("w2", w2, (D, F))
+    # 1. gate and up projections
+    h1 = x @ w1.T                                                # [N, F]
+    h3 = x @ w3.T                                                # [N, F]
+    # 2. gated activation
+    sg = sigmoid(h1)                                             # [N, F]
+    g = h1 * sg * h3                                             # [N, F]
+    # 3. down projection
+    y = g @ w2.T                                                 # [N, D]
+    return y, SwiGLUCache(x, h1, h3, sg, g, w1, w2, w3)
+
+
+def swiglu_backward(dy: np.ndarray, cache: SwiGLUCache):
+    """[N, D] -> dx [N, D], dW1 [F, D], dW2 [D, F], dW3 [F, D].
+
+    silu'(a) = s (1 + a (1 - s)) with s = sigmoid(a).
+    """
+    x, h1, h3, sg, g, w1, w2, w3 = cache
+    # 3. forward: y = g @ w2.T
+    dw2 = dy.T @ g                                               # [D, F]
+    dg = dy @ w2                                                 # [N, F]
+    # 2. forward: g = silu(h1) * h3
+    dh3 = dg * h1 * sg                                           # [N, F]
+    dh1 = dg * h3 * sg * (1.0 + h1 * (1.0 - sg))                 # [N, F]
+    # 1. forward: h1 = x @ w1.T ; h3 = x @ w3.T
+    dw1 = dh1.T @ x                                              # [F, D]
+    dw3 = dh3.T @ x                                              # [F, D]
+    dx = dh1 @ w1 + dh3 @ w3                                     # [N, D]
+    return dx, dw1, dw2, dw3
+
+
+# ================================================================================================
+# softmax
+# ================================================================================================
+
+def softmax_forward(x: np.ndarray):
+    """[..., C] -> [..., C]: p = exp(x - max) / sum(exp(x - max)) over the last axis.
+
+    Entries equal to -inf (masked) get probability exactly 0. Cache: p itself.
+    """
+    check_float("x", x)
+    m = np.max(x, axis=-1, keepdims=True)                        # [..., 1]
+    e = np.exp(x - m)                                            # [..., C]
+    p = e / np.sum(e, axis=-1, keepdims=True)                    # [..., C]
+    return p, p
+
+
+def softmax_backward(dp: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """[..., C] -> [..., C]:  dx = p * (dp - sum(dp * p))  (the softmax Jacobian-vector product)."""
+    # forward: p = softmax(x)
+    return p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+
+
+# ================================================================================================
+# cross-entropy
+# ================================================================================================
+
+class CrossEntropyCache(NamedTuple):
+    p: np.ndarray          # [N, V] softmax of the logits
+    targets: np.ndarray    # [N]    target ids (IGNORE_INDEX rows ignored)
+    valid: np.ndarray      # [N]    bool, target != ignore_index
+    n_valid: int           # number of counted rows (the mean's denominator)
+
+
+def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = IGNORE_INDEX):
+    """[N, V], [N] int -> scalar:  L = mean over rows with t != ignore_index of -log softmax(z)[t].
+
+    Stable for logits of any magnitude (log-sum-exp with the row max subtracted). With no valid
+    row the loss is 0.0 and the gradient is zero. Returns a Python float in float64 precision.
+    """
+    check_float("logits", logits, ndim=2)
+    if not isinstance(targets, np.ndarray) or not np.issubdtype(targets.dtype, np.integer):
+        raise TypeError(f"targets: expected an integer numpy array, got "
+                        f"{getattr(targets, 'dtype', type(targets).__name__)}")
+    check_shape("targets", targets, (logits.shape[0],))
+    valid = targets != ignore_index                              # [N]
+    check_tokens("targets (ignoring -100)", targets[valid], logits.shape[1])
+    # 1. log-softmax, row max subtracted
+    z = logits - logits.max(axis=1, keepdims=True)               # [N, V]
+    lse = np.log(np.exp(z).sum(axis=1))                          # [N]
+    p = np.exp(z - lse[:, None])                                 # [N, V]
+    # 2. negative log-likelihood of the targets, mean over valid rows
+    n_valid = int(valid.sum())
+    rows = np.nonzero(valid)[0]
+    nll = lse[rows] - z[rows, targets[rows]]                     # [n_valid]
+    loss = float(nll.sum(dtype=np.float64) / n_valid) if n_valid else 0.0
+    return loss, CrossEntropyCache(p, targets, valid, n_valid)
+
+
+def cross_entropy_backward(dloss: float, cache: CrossEntropyCache) -> np.ndarray:
+    """scalar -> dlogits [N, V]:  dz = (p - onehot(t)) / n_valid on valid rows, 0 elsewhere (fused)."""
+    p, targets, valid, n_valid = cache
+    dz = np.zeros_like(p)                                        # [N, V]
+    if n_valid == 0:
+        return dz
+    rows = np.nonzero(valid)[0]
+    # forward: L = mean(lse - z[t])
+    dz[rows] = p[rows]
+    dz[rows, targets[rows]] -= 1.0
+    dz *= dloss / n_valid
+    return dz
