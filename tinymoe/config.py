@@ -25,6 +25,11 @@ SCORE_FUNCS = ("softmax", "sigmoid")
 ATTN_TYPES = ("mla", "mha", "gqa", "mqa")
 
 
+def _is_number(v: Any) -> bool:
+    """A finite int or float, and not a bool (True would otherwise pass as 1)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 @dataclass
 class ModelConfig:
     # ---- sizes (official ModelArgs names) -------------------------------------------------
@@ -58,7 +63,8 @@ class ModelConfig:
     beta_slow: int = 1              # YaRN ramp: rotations below which frequencies are divided by s
     mscale: float = 1.0             # YaRN softmax-scale factor a in m = 0.1*a*ln(s) + 1 (V2: 0.707)
     # ---- ours: norms and router details -----------------------------------------------------
-    norm_eps: float = 1e-6          # eps of every RMSNorm (official code hard-codes 1e-6)
+    norm_eps: float = 1e-6          # eps of the block and final RMSNorms (official code hard-codes 1e-6)
+    latent_norm_eps: float = 1e-6   # eps of MLA's q_norm and kv_norm (HF keeps 1e-6 whatever rms_norm_eps is)
     norm_topk_prob: Optional[bool] = None  # renormalise the K chosen weights; None = as official (iff sigmoid)
     # ---- ours: load balancing (reference/deepseek.md section 11) -----------------------------
     bias_update_speed: float = 0.0  # gamma of the auxiliary-loss-free bias update (V3: 0.001); 0 = off
@@ -126,15 +132,21 @@ class ModelConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 fail(name, "must be a non-negative integer")
-        for name in ("rope_theta", "rope_factor", "norm_eps", "route_scale", "init_std"):
+        for name in ("rope_theta", "rope_factor", "norm_eps", "latent_norm_eps", "route_scale",
+                     "init_std"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            if not _is_number(v) or v <= 0:
                 fail(name, "must be a positive finite number")
         for name in ("bias_update_speed", "aux_loss_alpha", "seq_aux_loss_alpha", "z_loss_alpha",
                      "mtp_lambda", "mscale"):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            if not _is_number(v) or v < 0:
                 fail(name, "must be a non-negative finite number")
+        for name in ("beta_fast", "beta_slow"):
+            if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
+                fail(name, "must be a positive finite number (YaRN ramp bound, in rotations)")
+        if self.beta_fast <= self.beta_slow:
+            fail("beta_fast", f"must be > beta_slow = {self.beta_slow} (YaRN ramp bounds)")
         if self.n_dense_layers > self.n_layers:
             fail("n_dense_layers", f"must be <= n_layers = {self.n_layers}")
         if self.score_func not in SCORE_FUNCS:
@@ -159,8 +171,7 @@ class ModelConfig:
             fail("n_expert_groups", "sigmoid group scores sum the top-2 experts of a group, so "
                  "every group needs >= 2 experts")
         if self.capacity_factor is not None and not (
-                isinstance(self.capacity_factor, (int, float)) and self.capacity_factor > 0
-                and math.isfinite(self.capacity_factor)):
+                _is_number(self.capacity_factor) and self.capacity_factor > 0):
             fail("capacity_factor", "must be None (dropless) or a positive finite number")
         if self.attn_type == "gqa":
             kv = self.n_kv_heads or self.n_heads

@@ -68,9 +68,15 @@ class GradcheckReport:
 
 
 def _rel_errors(a: np.ndarray, n: np.ndarray) -> np.ndarray:
-    scale = max(float(np.max(np.abs(a), initial=0.0)), float(np.max(np.abs(n), initial=0.0)))
+    """Per-entry relative error (module docstring); inf where either value is NaN or inf."""
+    finite = np.isfinite(a) & np.isfinite(n)
+    scale = max(float(np.max(np.abs(a[finite]), initial=0.0)),
+                float(np.max(np.abs(n[finite]), initial=0.0)))
     denom = np.maximum(np.maximum(np.abs(a), np.abs(n)), max(1e-3 * scale, 1e-8))
-    return np.abs(a - n) / denom
+    with np.errstate(invalid="ignore"):
+        rel = np.abs(a - n) / denom
+    # a NaN/inf entry must fail at its own index (not poison the scale of every other entry)
+    return np.where(finite, rel, np.inf)
 
 
 def gradcheck_scalar(loss_fn: Callable[[], float], inputs: Dict[str, np.ndarray],

@@ -66,3 +66,4 @@ def get(name: str, which: str | None = None) -> Callable:
 
 # Submodules register their kernels on import (pure Python: nothing is compiled here).
 from tinymoe.kernels import scatter  # noqa: E402,F401
+from tinymoe.kernels import moe  # noqa: E402,F401

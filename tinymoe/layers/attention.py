@@ -1,4 +1,5 @@
-"""Causal scaled-dot-product attention with grouped key/value heads (MHA, GQA, MQA).
+"""Causal scaled-dot-product attention with grouped key/value heads (MHA, GQA, MQA), and the
+baseline attention block built on it.
 
     scores[b,h,t,s] = scale * q[b,t,h] . k[b,s,h // (H/Hkv)]
     scores[b,h,t,s] = -inf                 where key s is in the future of query t
@@ -10,6 +11,8 @@ calls `sdpa_forward` with per-head keys built from its latent. Queries may sit a
 query t is at absolute position q_offset + t and keys are at 0..S-1, so key s is visible to query t
 iff s <= q_offset + t. Shape letters: B batch, T queries, S keys, H query heads, Hkv key/value
 heads, Dk query/key width, Dv value width.
+
+The block (`mha_forward` / `mha_backward` / `KVCache` / `mha_decode`) is at the bottom of the file.
 """
 from __future__ import annotations
 
@@ -17,8 +20,9 @@ from typing import NamedTuple, Optional
 
 import numpy as np
 
-from tinymoe.checks import check_float, check_same_dtype
+from tinymoe.checks import check_float, check_same_dtype, check_shape
 from tinymoe.layers.basic import softmax_backward, softmax_forward
+from tinymoe.layers.rope import rope_angles, rope_backward, rope_forward, softmax_scale
 
 
 class SDPACache(NamedTuple):
@@ -31,16 +35,27 @@ class SDPACache(NamedTuple):
 
 
 def causal_mask(T: int, S: int, q_offset: Optional[int] = None) -> np.ndarray:
-    """[T, S] bool, True where key s is visible to query t: s <= q_offset + t (default S - T)."""
+    """[T, S] bool, True where key s is visible to query t: s <= q_offset + t (default S - T).
+
+    The default puts the T queries at the end of the S keys (the last T keys are the queries'
+    own tokens, the rest a cache). q_offset must be >= 0, so every query sees at least key 0
+    (a row with no visible key would give a softmax of 0/0).
+    """
     q_offset = S - T if q_offset is None else q_offset
+    if q_offset < 0:
+        raise ValueError(f"q_offset: {q_offset} must be >= 0 (with T={T} queries and S={S} keys "
+                         f"the default is S - T); a query with no visible key has no softmax")
     return np.arange(S)[None, :] <= (q_offset + np.arange(T))[:, None]
 
 
 def sdpa_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
                  causal: bool = True, q_offset: Optional[int] = None):
-    """q [B, T, H, Dk], k [B, S, Hkv, Dk], v [B, S, Hkv, Dv] -> o [B, T, H, Dv].
+    """q [B, T, H, Dk], k [B, S, Hkv, Dk], v [B, S, Hkv, Dv] -> o [B, T, H, Dv], cache.
 
-    H must be a multiple of Hkv; query head h reads key/value head h // (H / Hkv).
+        s = scale * q k^T  (-inf where s > q_offset + t if causal);  p = softmax(s);  o = p v
+
+    H must be a multiple of Hkv; query head h reads key/value head h // (H / Hkv), so Hkv = H is
+    MHA, Hkv = 1 MQA and anything between GQA. Masked weights are exactly 0. Returns q's dtype.
     Cache holds: q, k, v (heads first, k/v repeated to H), p, scale, Hkv.
     """
     for name, a in (("q", q), ("k", k), ("v", v)):
@@ -54,6 +69,7 @@ def sdpa_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
     if H % Hkv:
         raise ValueError(f"k: {Hkv} key/value heads do not divide the {H} query heads")
     rep = H // Hkv
+    scale = float(scale)        # a Python float keeps float32 inputs float32 (NEP 50)
     # 1. heads first; repeat each key/value head for the rep query heads that share it
     qh = q.transpose(0, 2, 1, 3)                                     # [B, H, T, Dk]
     kh = np.repeat(k.transpose(0, 2, 1, 3), rep, axis=1)             # [B, H, S, Dk]
@@ -78,6 +94,7 @@ def sdpa_backward(do: np.ndarray, cache: SDPACache):
     qh, kh, vh, p, scale, Hkv = cache
     B, H, T, Dk = qh.shape
     S = kh.shape[2]
+    check_shape("do", do, (B, T, H, vh.shape[-1]))
     doh = do.transpose(0, 2, 1, 3)                                   # [B, H, T, Dv]
     # 4. forward: o = p @ v
     dp = doh @ vh.transpose(0, 1, 3, 2)                              # [B, H, T, S]
@@ -93,3 +110,202 @@ def sdpa_backward(do: np.ndarray, cache: SDPACache):
     dv = dvh.reshape(B, Hkv, rep, S, dvh.shape[-1]).sum(axis=2).transpose(0, 2, 1, 3)  # [B, S, Hkv, Dv]
     dq = dqh.transpose(0, 2, 1, 3)                                   # [B, T, H, Dk]
     return np.ascontiguousarray(dq), np.ascontiguousarray(dk), np.ascontiguousarray(dv)
+
+
+# ================================================================================================
+# the baseline attention block: MHA / GQA / MQA with RoPE on the last Dr values of every head
+# ================================================================================================
+#
+# The block MLA is compared against (reference/deepseek.md section 5; DeepSeek-V2 section 2.1.1
+# and Table 1). Parameters (local dict, linear weights [out, in], applied x @ W.T):
+#
+#     wq [H*(Dn+Dr), D]   wk [Hkv*(Dn+Dr), D]   wv [Hkv*Dv, D]   wo [D, H*Dv]
+#
+# with Hkv = cfg.kv_heads (H for "mha", cfg.n_kv_heads for "gqa", 1 for "mqa"). Every query and
+# key head has the MLA layout [Dn "nope" values | Dr "rope" values], so the two blocks differ only
+# in how keys and values are produced and cached, and the softmax scale is the same
+# softmax_scale(cfg) = (Dn + Dr)^(-1/2) (times YaRN's m^2 when YaRN is on).
+#
+#     1. q = x Wq^T -> [B,T,H,Dn+Dr];  k = x Wk^T -> [B,T,Hkv,Dn+Dr];  v = x Wv^T -> [B,T,Hkv,Dv]
+#     2. q[..., Dn:] = RoPE(q[..., Dn:], pos);  k[..., Dn:] = RoPE(k[..., Dn:], pos)
+#     3. o = causal_sdpa(q, k, v)                                   [B,T,H,Dv]
+#     4. y = o.reshape(B, T, H*Dv) Wo^T                             [B,T,D]
+#
+# The inference cache stores the rotated keys and the values of every kv head:
+# Hkv * (Dn + Dr + Dv) numbers per token and layer, against MLA's Dc + Dr.
+
+MHA_PARAM_NAMES = ("wq", "wk", "wv", "wo")
+
+
+def _mha_dims(cfg):
+    """(H, Hkv, Dn, Dr, Dv) of the baseline block."""
+    return cfg.n_heads, cfg.kv_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+
+
+def _mha_param_shapes(cfg) -> dict:
+    H, Hkv, Dn, Dr, Dv = _mha_dims(cfg)
+    D = cfg.dim
+    return {"wq": (H * (Dn + Dr), D), "wk": (Hkv * (Dn + Dr), D), "wv": (Hkv * Dv, D),
+            "wo": (D, H * Dv)}
+
+
+def init_mha_params(cfg, rng: np.random.Generator, dtype=np.float64) -> dict:
+    """-> {"wq", "wk", "wv", "wo"}: every weight ~ N(0, cfg.init_std^2), shapes as above."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng: expected a numpy.random.Generator, got {type(rng).__name__}")
+    return {name: rng.normal(0.0, cfg.init_std, size=shape).astype(dtype)
+            for name, shape in _mha_param_shapes(cfg).items()}
+
+
+def _check_mha_inputs(x: np.ndarray, p: dict, cfg) -> None:
+    check_float("x", x, ndim=3)
+    if x.shape[2] != cfg.dim:
+        raise ValueError(f"x: last dimension {x.shape[2]} does not match cfg.dim = {cfg.dim}")
+    missing = [n for n in MHA_PARAM_NAMES if n not in p]
+    if missing:
+        raise ValueError(f"p: missing baseline-attention weight(s) {missing}; "
+                         f"expected keys {list(MHA_PARAM_NAMES)}")
+    for name, shape in _mha_param_shapes(cfg).items():
+        check_float(f"p[{name!r}]", p[name], ndim=2)
+        check_shape(f"p[{name!r}]", p[name], shape)
+    check_same_dtype(("x",) + tuple(f"p[{n!r}]" for n in MHA_PARAM_NAMES),
+                     x, *(p[n] for n in MHA_PARAM_NAMES))
+
+
+def _project_qkv(x: np.ndarray, p: dict, cfg, cos: np.ndarray, sin: np.ndarray):
+    """Steps 1-2: x [B,T,D] -> rotated q [B,T,H,Dn+Dr], rotated k [B,T,Hkv,Dn+Dr], v [B,T,Hkv,Dv]."""
+    H, Hkv, Dn, Dr, Dv = _mha_dims(cfg)
+    B, T, _ = x.shape
+    # 1. projections, split into heads
+    q = (x @ p["wq"].T).reshape(B, T, H, Dn + Dr)                    # [B, T, H, Dn+Dr]
+    k = (x @ p["wk"].T).reshape(B, T, Hkv, Dn + Dr)                  # [B, T, Hkv, Dn+Dr]
+    v = (x @ p["wv"].T).reshape(B, T, Hkv, Dv)                       # [B, T, Hkv, Dv]
+    # 2. RoPE on the last Dr values of every query and key head (the first Dn stay as they are)
+    q[..., Dn:] = rope_forward(q[..., Dn:], cos, sin)
+    k[..., Dn:] = rope_forward(k[..., Dn:], cos, sin)
+    return q, k, v
+
+
+class MHACache(NamedTuple):
+    x: np.ndarray        # [B, T, D]       block input
+    cos: np.ndarray      # [T, Dr/2]       RoPE angles of positions start_pos..start_pos+T-1
+    sin: np.ndarray      # [T, Dr/2]
+    attn: SDPACache      # the attention core's cache (rotated q, k, v, weights p)
+    o: np.ndarray        # [B, T, H*Dv]    attention output, heads flattened (input of wo)
+    p: dict              # the weights {"wq", "wk", "wv", "wo"} (references, not copies)
+    dims: tuple          # (H, Hkv, Dn, Dr, Dv)
+
+
+def mha_forward(x: np.ndarray, p: dict, cfg, start_pos: int = 0):
+    """x [B, T, D], p {wq, wk, wv, wo} -> y [B, T, D], cache.  Steps 1-4 above.
+
+    Causal self-attention over the T tokens of x, which sit at absolute positions
+    start_pos..start_pos+T-1 (start_pos only moves the RoPE angles; use mha_decode to attend
+    to earlier tokens through a KVCache). Hkv = cfg.kv_heads gives MHA, GQA or MQA.
+    """
+    _check_mha_inputs(x, p, cfg)
+    if not isinstance(start_pos, (int, np.integer)) or start_pos < 0:
+        raise ValueError(f"start_pos: {start_pos!r} must be a non-negative integer")
+    B, T, _ = x.shape
+    if start_pos + T > cfg.max_seq_len:
+        raise ValueError(f"start_pos + T = {start_pos} + {T} exceeds cfg.max_seq_len = "
+                         f"{cfg.max_seq_len}")
+    H, Hkv, Dn, Dr, Dv = _mha_dims(cfg)
+    cos, sin = rope_angles(cfg, start_pos + np.arange(T), x.dtype)   # [T, Dr/2] each
+    # 1-2. projections and RoPE
+    q, k, v = _project_qkv(x, p, cfg, cos, sin)
+    # 3. causal attention; kv head j serves query heads j*H/Hkv .. (j+1)*H/Hkv - 1
+    o, attn = sdpa_forward(q, k, v, softmax_scale(cfg), causal=True, q_offset=0)  # [B, T, H, Dv]
+    o = o.reshape(B, T, H * Dv)                                      # [B, T, H*Dv]
+    # 4. output projection
+    y = o @ p["wo"].T                                                # [B, T, D]
+    return y, MHACache(x, cos, sin, attn, o, p, (H, Hkv, Dn, Dr, Dv))
+
+
+def mha_backward(dy: np.ndarray, cache: MHACache):
+    """dy [B, T, D] -> dx [B, T, D], grads {wq, wk, wv, wo} (same shapes as the weights)."""
+    x, cos, sin, attn, o, p, (H, Hkv, Dn, Dr, Dv) = cache
+    B, T, D = x.shape
+    check_shape("dy", dy, (B, T, D))
+    x2 = x.reshape(B * T, D)                                         # [N, D]
+    # 4. forward: y = o @ wo.T
+    dwo = dy.reshape(B * T, D).T @ o.reshape(B * T, H * Dv)          # [D, H*Dv]
+    do = (dy @ p["wo"]).reshape(B, T, H, Dv)                         # [B, T, H, Dv]
+    # 3. forward: o = causal_sdpa(q, k, v)
+    dq, dk, dv = sdpa_backward(do, attn)                             # [B,T,H,Dn+Dr], [B,T,Hkv,Dn+Dr], [B,T,Hkv,Dv]
+    # 2. forward: q[..., Dn:] = rope(q[..., Dn:]);  k[..., Dn:] = rope(k[..., Dn:])
+    dq[..., Dn:] = rope_backward(dq[..., Dn:], cos, sin)
+    dk[..., Dn:] = rope_backward(dk[..., Dn:], cos, sin)
+    dq2 = dq.reshape(B * T, H * (Dn + Dr))                           # [N, H*(Dn+Dr)]
+    dk2 = dk.reshape(B * T, Hkv * (Dn + Dr))                         # [N, Hkv*(Dn+Dr)]
+    dv2 = dv.reshape(B * T, Hkv * Dv)                                # [N, Hkv*Dv]
+    # 1. forward: q = x @ wq.T ; k = x @ wk.T ; v = x @ wv.T   (x feeds three branches: add)
+    dwq = dq2.T @ x2                                                 # [H*(Dn+Dr), D]
+    dwk = dk2.T @ x2                                                 # [Hkv*(Dn+Dr), D]
+    dwv = dv2.T @ x2                                                 # [Hkv*Dv, D]
+    dx = (dq2 @ p["wq"] + dk2 @ p["wk"] + dv2 @ p["wv"]).reshape(B, T, D)   # [B, T, D]
+    return dx, {"wq": dwq, "wk": dwk, "wv": dwv, "wo": dwo}
+
+
+class KVCache:
+    """Inference cache of the baseline block: rotated keys and values of every kv head.
+
+        k [B, max_seq_len, Hkv, Dn+Dr]   keys after RoPE (positions 0..length-1 are filled)
+        v [B, max_seq_len, Hkv, Dv]
+        length                           tokens stored so far (the next token's position)
+
+    Per token and layer it holds Hkv*(Dn+Dr+Dv) numbers, against MLA's Dc+Dr (LatentKVCache).
+    """
+
+    def __init__(self, cfg, batch: int, dtype=np.float64):
+        if not isinstance(batch, (int, np.integer)) or batch <= 0:
+            raise ValueError(f"batch: {batch!r} must be a positive integer")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype: {dtype} is not supported; use float32 or float64")
+        H, Hkv, Dn, Dr, Dv = _mha_dims(cfg)
+        self.batch, self.dtype, self.max_seq_len = int(batch), dtype, cfg.max_seq_len
+        self.k = np.zeros((batch, cfg.max_seq_len, Hkv, Dn + Dr), dtype=dtype)
+        self.v = np.zeros((batch, cfg.max_seq_len, Hkv, Dv), dtype=dtype)
+        self.length = 0
+
+    def reset(self) -> None:
+        """Forget every stored token (the arrays are reused)."""
+        self.length = 0
+
+    def __repr__(self) -> str:
+        return (f"KVCache(batch={self.batch}, length={self.length}/{self.max_seq_len}, "
+                f"k={list(self.k.shape)}, v={list(self.v.shape)}, dtype={self.dtype})")
+
+
+def mha_decode(x: np.ndarray, p: dict, cfg, cache: KVCache) -> np.ndarray:
+    """x [B, T, D] -> y [B, T, D]: append T tokens at positions cache.length.. and attend causally.
+
+    Prefill (T > 1) or one decoding step (T = 1). Equal to the matching rows of mha_forward over
+    the whole sequence (tests check it). Advances cache.length by T.
+    """
+    _check_mha_inputs(x, p, cfg)
+    if not isinstance(cache, KVCache):
+        raise TypeError(f"cache: expected a KVCache, got {type(cache).__name__}")
+    B, T, _ = x.shape
+    if B != cache.batch:
+        raise ValueError(f"x: batch {B} does not match the cache's batch {cache.batch}")
+    if x.dtype != cache.dtype:
+        raise TypeError(f"x: dtype {x.dtype} does not match the cache's dtype {cache.dtype}")
+    start, end = cache.length, cache.length + T
+    if end > cache.max_seq_len:
+        raise ValueError(f"decoding {T} token(s) at position {start} would pass max_seq_len = "
+                         f"{cache.max_seq_len} (the KV cache holds at most that many tokens)")
+    H, Hkv, Dn, Dr, Dv = _mha_dims(cfg)
+    cos, sin = rope_angles(cfg, np.arange(start, end), x.dtype)      # [T, Dr/2] each
+    # 1-2. projections and RoPE of the new tokens
+    q, k, v = _project_qkv(x, p, cfg, cos, sin)
+    # store the new keys and values
+    cache.k[:, start:end] = k                                        # [B, T, Hkv, Dn+Dr]
+    cache.v[:, start:end] = v                                        # [B, T, Hkv, Dv]
+    # 3. the new queries attend to every stored token up to their own position
+    o, _ = sdpa_forward(q, cache.k[:, :end], cache.v[:, :end], softmax_scale(cfg), causal=True,
+                        q_offset=start)                              # [B, T, H, Dv]
+    cache.length = end
+    # 4. output projection
+    return o.reshape(B, T, H * Dv) @ p["wo"].T                       # [B, T, D]

@@ -36,8 +36,8 @@ def linear_forward(x: np.ndarray, w: np.ndarray):
     check_float("x", x)
     check_float("w", w, ndim=2)
     check_same_dtype(("x", "w"), x, w)
-    if x.shape[-1] != w.shape[1]:
-        raise ValueError(f"x: last dimension {x.shape[-1]} does not match w's in-features "
+    if x.ndim == 0 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x: shape {list(x.shape)} does not end in w's in-features "
                          f"{w.shape[1]} (w is [out, in] = {list(w.shape)})")
     y = x @ w.T                                                  # [..., Out]
     return y, LinearCache(x, w)
@@ -46,9 +46,10 @@ def linear_forward(x: np.ndarray, w: np.ndarray):
 def linear_backward(dy: np.ndarray, cache: LinearCache):
     """[..., Out] -> dx [..., In], dw [Out, In].
 
-    dx = dy @ W;  dW = sum over rows of dy^T x.
+    dx = dy @ W;  dW = sum over rows of dy^T x  (every leading index is a row).
     """
     x, w = cache
+    check_shape("dy", dy, x.shape[:-1] + (w.shape[0],))
     # forward: y = x @ w.T
     dx = dy @ w                                                  # [..., In]
     dw = dy.reshape(-1, dy.shape[-1]).T @ x.reshape(-1, x.shape[-1])   # [Out, In]
@@ -74,10 +75,18 @@ def embedding_forward(tokens: np.ndarray, w: np.ndarray):
 
 
 def embedding_backward(dy: np.ndarray, cache: EmbeddingCache):
-    """[..., D] -> dW [V, D]: a scatter-add, repeated tokens accumulate (numba kernel + twin)."""
-    tokens, n_rows, _ = cache
+    """[..., D] -> dW [V, D]:  dW[v] = sum over positions i with tokens[i] = v of dy[i].
+
+    A scatter-add: repeated tokens accumulate, unused rows stay 0 (numba kernel + NumPy twin,
+    tinymoe.kernels.scatter; TINYMOE_BACKEND picks one). Returns the table's dtype.
+    """
+    tokens, n_rows, dtype = cache
+    if dy.ndim != tokens.ndim + 1 or dy.shape[:-1] != tokens.shape:
+        raise ValueError(f"dy: expected shape {list(tokens.shape)} + [D], got {list(dy.shape)}")
+    D = dy.shape[-1]
     # forward: y = w[tokens]
-    dw = scatter_add_rows(tokens.reshape(-1), dy.reshape(-1, dy.shape[-1]), n_rows)  # [V, D]
+    dw = scatter_add_rows(tokens.reshape(-1), dy.reshape(-1, D).astype(dtype, copy=False),
+                          n_rows)                                # [V, D]
     return dw
 
 
@@ -86,14 +95,26 @@ def embedding_backward(dy: np.ndarray, cache: EmbeddingCache):
 # ================================================================================================
 
 def silu(a: np.ndarray) -> np.ndarray:
-    """silu(a) = a * sigmoid(a), computed without overflow."""
+    """[...] -> [...]: silu(a) = a * sigmoid(a), computed without overflow."""
+    a = _as_float(a)
     return a * sigmoid(a)
 
 
 def sigmoid(a: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-a)), stable for large |a| (exp never overflows)."""
+    """[...] -> [...]: 1 / (1 + exp(-a)), stable for large |a| (exp never overflows).
+
+    For a >= 0 it uses 1 / (1 + e^-a), for a < 0 the equal e^a / (1 + e^a), so exp only ever sees
+    -|a|. Float inputs keep their dtype; integers and Python numbers become float64.
+    """
+    a = _as_float(a)
     e = np.exp(-np.abs(a))
     return np.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(a.dtype, copy=False)
+
+
+def _as_float(a) -> np.ndarray:
+    """An ndarray of a floating dtype (float32/float64 kept; ints and scalars -> float64)."""
+    a = np.asarray(a)
+    return a if np.issubdtype(a.dtype, np.floating) else a.astype(np.float64)
 
 
 class SwiGLUCache(NamedTuple):
@@ -136,13 +157,14 @@ def swiglu_forward(x: np.ndarray, w1: np.ndarray, w2: np.ndarray, w3: np.ndarray
 def swiglu_backward(dy: np.ndarray, cache: SwiGLUCache):
     """[N, D] -> dx [N, D], dW1 [F, D], dW2 [D, F], dW3 [F, D].
 
-    silu'(a) = s (1 + a (1 - s)) with s = sigmoid(a).
+    silu'(a) = s (1 + a (1 - s)) with s = sigmoid(a), since d/da [a s] = s + a s (1 - s).
     """
     x, h1, h3, sg, g, w1, w2, w3 = cache
+    check_shape("dy", dy, x.shape)
     # 3. forward: y = g @ w2.T
     dw2 = dy.T @ g                                               # [D, F]
     dg = dy @ w2                                                 # [N, F]
-    # 2. forward: g = silu(h1) * h3
+    # 2. forward: g = h1 * sg * h3  (= silu(h1) * h3)
     dh3 = dg * h1 * sg                                           # [N, F]
     dh1 = dg * h3 * sg * (1.0 + h1 * (1.0 - sg))                 # [N, F]
     # 1. forward: h1 = x @ w1.T ; h3 = x @ w3.T
@@ -162,6 +184,8 @@ def softmax_forward(x: np.ndarray):
     Entries equal to -inf (masked) get probability exactly 0. Cache: p itself.
     """
     check_float("x", x)
+    if x.ndim == 0:
+        raise ValueError("x: expected at least one dimension (softmax runs over the last axis)")
     m = np.max(x, axis=-1, keepdims=True)                        # [..., 1]
     e = np.exp(x - m)                                            # [..., C]
     p = e / np.sum(e, axis=-1, keepdims=True)                    # [..., C]
@@ -169,7 +193,12 @@ def softmax_forward(x: np.ndarray):
 
 
 def softmax_backward(dp: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """[..., C] -> [..., C]:  dx = p * (dp - sum(dp * p))  (the softmax Jacobian-vector product)."""
+    """[..., C], cache p [..., C] -> dx [..., C]:  dx = p * (dp - sum_c(dp * p)).
+
+    The Jacobian dp_i/dx_j = p_i (delta_ij - p_j) applied to dp without forming it. Masked
+    entries (p = 0) get dx = 0 exactly.
+    """
+    check_shape("dp", dp, p.shape)
     # forward: p = softmax(x)
     return p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
 
@@ -188,8 +217,11 @@ class CrossEntropyCache(NamedTuple):
 def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index: int = IGNORE_INDEX):
     """[N, V], [N] int -> scalar:  L = mean over rows with t != ignore_index of -log softmax(z)[t].
 
-    Stable for logits of any magnitude (log-sum-exp with the row max subtracted). With no valid
-    row the loss is 0.0 and the gradient is zero. Returns a Python float in float64 precision.
+        -log softmax(z)[t] = lse(z) - z_t,  lse(z) = m + log sum_v exp(z_v - m),  m = max_v z_v
+
+    Stable for logits of any magnitude (every exp sees z - m <= 0). With no valid row the loss
+    is 0.0 and the gradient is zero. Returns a Python float (summed in float64); the cache keeps
+    the softmax p in the logits' dtype for the fused backward.
     """
     check_float("logits", logits, ndim=2)
     if not isinstance(targets, np.ndarray) or not np.issubdtype(targets.dtype, np.integer):
@@ -197,7 +229,7 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index:
                         f"{getattr(targets, 'dtype', type(targets).__name__)}")
     check_shape("targets", targets, (logits.shape[0],))
     valid = targets != ignore_index                              # [N]
-    check_tokens("targets (ignoring -100)", targets[valid], logits.shape[1])
+    check_tokens(f"targets (ignoring {ignore_index})", targets[valid], logits.shape[1])
     # 1. log-softmax, row max subtracted
     z = logits - logits.max(axis=1, keepdims=True)               # [N, V]
     lse = np.log(np.exp(z).sum(axis=1))                          # [N]
@@ -211,13 +243,17 @@ def cross_entropy_forward(logits: np.ndarray, targets: np.ndarray, ignore_index:
 
 
 def cross_entropy_backward(dloss: float, cache: CrossEntropyCache) -> np.ndarray:
-    """scalar -> dlogits [N, V]:  dz = (p - onehot(t)) / n_valid on valid rows, 0 elsewhere (fused)."""
+    """scalar -> dlogits [N, V]:  dz = dloss * (p - onehot(t)) / n_valid on valid rows, 0 elsewhere.
+
+    Fused: the softmax and the log never meet in the backward, d(lse(z) - z_t)/dz = p - onehot(t).
+    """
     p, targets, valid, n_valid = cache
     dz = np.zeros_like(p)                                        # [N, V]
     if n_valid == 0:
         return dz
     rows = np.nonzero(valid)[0]
-    # forward: L = mean(lse - z[t])
+    # 2. forward: L = sum(lse[rows] - z[rows, t]) / n_valid
+    # 1. forward: lse = log(sum(exp(z))), so d lse / dz = p
     dz[rows] = p[rows]
     dz[rows, targets[rows]] -= 1.0
     dz *= dloss / n_valid

@@ -23,7 +23,10 @@ class RMSNormCache(NamedTuple):
 
 
 def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = 1e-6):
-    """[..., D], [D] -> [..., D]:  y = w * x / sqrt(mean(x^2) + eps)."""
+    """[..., D], [D] -> [..., D]:  y = w * x / sqrt(mean(x^2) + eps), over the last axis.
+
+    The mean of squares is taken in x's dtype. Returns x's dtype.
+    """
     check_float("x", x)
     check_float("w", w, ndim=1)
     check_same_dtype(("x", "w"), x, w)
@@ -39,13 +42,16 @@ def rmsnorm_forward(x: np.ndarray, w: np.ndarray, eps: float = 1e-6):
 def rmsnorm_backward(dy: np.ndarray, cache: RMSNormCache):
     """[..., D] -> dx [..., D], dw [D].
 
-    dw = sum_rows dy * x * r
-    dx = r * (dy * w) - x * r^3 * mean((dy * w) * x)
+    With g = dy * w (the gradient reaching x * r) and dr/dx_i = -r^3 x_i / D:
+        dw = sum over rows of dy * x * r
+        dx = r * g + x * (-r^3 / D) * sum_j g_j x_j  =  r * g - x * r^3 * mean(g * x)
     """
     x, r, w = cache
+    if dy.shape != x.shape:
+        raise ValueError(f"dy: expected shape {list(x.shape)}, got {list(dy.shape)}")
     # 2. forward: y = w * (x * r)
     dw = np.sum((dy * x * r).reshape(-1, x.shape[-1]), axis=0)       # [D]
-    g = dy * w                                                        # [..., D]
-    # 1. forward: r = (mean(x^2) + eps)^(-1/2)
+    g = dy * w                                                        # [..., D]  d/d(x*r)
+    # 1. forward: r = (mean(x^2) + eps)^(-1/2)   (x reaches y directly and through r)
     dx = r * g - x * (r ** 3) * np.mean(g * x, axis=-1, keepdims=True)   # [..., D]
     return dx, dw

@@ -76,6 +76,9 @@ def softmax_scale(cfg) -> float:
 def rope_angles(cfg, positions: np.ndarray, dtype=np.float64):
     """[T] int positions -> cos, sin [T, Dr/2] in `dtype` (angles computed in float64)."""
     positions = np.asarray(positions)
+    if not np.issubdtype(positions.dtype, np.integer) or positions.ndim != 1:
+        raise TypeError(f"positions: expected a 1-d integer array, got dtype {positions.dtype}, "
+                        f"shape {list(positions.shape)}")
     if positions.size and (positions.min() < 0 or positions.max() >= cfg.max_seq_len):
         raise ValueError(f"positions: range [{positions.min()}, {positions.max()}] is outside "
                          f"[0, max_seq_len={cfg.max_seq_len})")
@@ -91,9 +94,17 @@ def _broadcast(c: np.ndarray, x: np.ndarray) -> np.ndarray:
 def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """[B, T, ..., Dr], cos/sin [T, Dr/2] -> [B, T, ..., Dr]: rotate interleaved pairs.
 
-    No cache: the backward needs only cos and sin. Returns x's dtype.
+        y[..., 2j]   = x[..., 2j] cos(phi_tj) - x[..., 2j+1] sin(phi_tj)
+        y[..., 2j+1] = x[..., 2j] sin(phi_tj) + x[..., 2j+1] cos(phi_tj)
+
+    i.e. the complex product (x_2j + i x_2j+1) e^{i phi} of [OFF] `apply_rotary_emb`. Any number
+    of head axes may sit between T and Dr. No cache: the backward needs only cos and sin.
+    Returns x's dtype (cos/sin are cast to it).
     """
     check_float("x", x)
+    if cos.ndim != 2 or sin.shape != cos.shape:
+        raise ValueError(f"cos, sin: expected two arrays of shape [T, Dr/2], got "
+                         f"{list(np.shape(cos))} and {list(np.shape(sin))}")
     if x.ndim < 3 or x.shape[1] != cos.shape[0] or x.shape[-1] != 2 * cos.shape[1]:
         raise ValueError(f"x: expected [B, T={cos.shape[0]}, ..., Dr={2 * cos.shape[1]}], "
                          f"got {list(x.shape)}")
@@ -106,6 +117,9 @@ def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
 
 
 def rope_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """[B, T, ..., Dr] -> dx: the rotation is orthogonal, so dx = R(-phi) dy."""
+    """[B, T, ..., Dr], cos/sin [T, Dr/2] -> dx [B, T, ..., Dr]:  dx = R(phi)^T dy = R(-phi) dy.
+
+    Each 2x2 block R = [[c, -s], [s, c]] is orthogonal, so its transpose is the rotation by -phi.
+    """
     # forward: y = R(phi) x
     return rope_forward(dy, cos, -sin)
