@@ -1,0 +1,121 @@
+"""The machinery every lesson script shares: flags, output folder, claims, metrics and routing files.
+
+    from tinymoe.lesson import Lesson
+    L = Lesson("04_routing_collapse", __doc__)        # parses --out, --quick, --seed
+    ...train, analyse, plot into L.path("load.png")...
+    L.metric("dead_experts", 5)
+    L.claim("dead_experts", 5, ">=", 4)                 # recorded, printed, checked at the end
+    L.save_routing(labels, {1: indices_layer1})          # routing.npz, redrawable without training
+    L.finish()                                           # metrics.json; exit code 1 if a claim failed
+
+A lesson prints one line per claim (`PASS dead_experts = 5 (>= 4)`) and exits non-zero when any
+claim fails, so the test suite's `--quick` runs and a student's full runs catch a broken lesson.
+In --quick mode a lesson trains for a few seconds; its claims are still recorded but only those
+marked `quick=True` are enforced (a few seconds of training cannot show most effects).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import operator
+import os
+import sys
+import time
+from typing import Dict, List, Optional
+
+import numpy as np
+
+_OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+
+
+class Lesson:
+    def __init__(self, name: str, doc: Optional[str] = None, argv: Optional[List[str]] = None,
+                 default_seeds: int = 1):
+        p = argparse.ArgumentParser(prog=f"lessons/{name}.py",
+                                    description=(doc or "").strip().splitlines()[0] if doc else None)
+        p.add_argument("--out", default=os.path.join("runs", name), help="output folder")
+        p.add_argument("--quick", action="store_true", help="a few seconds, for the test suite")
+        p.add_argument("--seed", type=int, default=0, help="first seed")
+        p.add_argument("--seeds", type=int, default=None,
+                       help=f"number of seeds (default {default_seeds}, 1 with --quick)")
+        args = p.parse_args(argv)
+        self.name = name
+        self.out = args.out
+        self.quick = args.quick
+        self.seed = args.seed
+        n = args.seeds if args.seeds is not None else (1 if args.quick else default_seeds)
+        self.seeds = list(range(args.seed, args.seed + n))
+        self.metrics: Dict[str, object] = {}
+        self.claims: List[dict] = []
+        self.t0 = time.perf_counter()
+        os.makedirs(self.out, exist_ok=True)
+        print(f"== {name}{' (quick)' if self.quick else ''}: seeds {self.seeds}, output {self.out}")
+
+    def path(self, filename: str) -> str:
+        return os.path.join(self.out, filename)
+
+    def main_figure(self, path: str) -> str:
+        """Mark the figure the README's lesson table shows (scripts/make_thumbnails.py reads it)."""
+        self.metrics["main_figure"] = os.path.basename(path)
+        return path
+
+    def log(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    def metric(self, key: str, value) -> None:
+        self.metrics[key] = _jsonable(value)
+
+    def claim(self, key: str, value: float, op: str, threshold: float, quick: bool = False,
+              note: str = "") -> bool:
+        """Record `value op threshold` (e.g. claim("dead_experts", 5, ">=", 4)); checked in finish()."""
+        ok = bool(_OPS[op](value, threshold))
+        enforced = quick or not self.quick
+        self.metric(key, value)
+        self.claims.append({"key": key, "value": _jsonable(value), "op": op,
+                            "threshold": threshold, "ok": ok, "enforced": enforced, "note": note})
+        tag = "PASS" if ok else ("FAIL" if enforced else "skip")
+        print(f"{tag} {key} = {value:.4g} ({op} {threshold:g}){'  ' + note if note else ''}")
+        return ok
+
+    def save_routing(self, labels: np.ndarray, indices_by_layer: Dict[int, np.ndarray],
+                     filename: str = "routing.npz", **extra: np.ndarray) -> str:
+        """routing.npz: labels [N] and indices_layer{L} [N, K] (best first) per MoE layer."""
+        arrays = {"labels": np.asarray(labels)}
+        for l, idx in indices_by_layer.items():
+            arrays[f"indices_layer{l}"] = np.asarray(idx)
+        arrays.update({k: np.asarray(v) for k, v in extra.items()})
+        path = self.path(filename)
+        np.savez(path, **arrays)
+        return path
+
+    def finish(self) -> None:
+        self.metric("seconds", time.perf_counter() - self.t0)
+        self.metric("quick", self.quick)
+        self.metric("seeds", self.seeds)
+        self.metrics["claims"] = self.claims
+        with open(self.path("metrics.json"), "w") as f:
+            json.dump(self.metrics, f, indent=2, sort_keys=True)
+        failed = [c for c in self.claims if c["enforced"] and not c["ok"]]
+        print(f"== {self.name}: {len(self.claims) - len(failed)}/{len(self.claims)} claims hold "
+              f"({time.perf_counter() - self.t0:.1f}s); metrics in {self.path('metrics.json')}")
+        if failed:
+            for c in failed:
+                print(f"FAILED CLAIM {c['key']} = {c['value']} (needs {c['op']} {c['threshold']})",
+                      file=sys.stderr)
+            sys.exit(1)
+
+
+def _jsonable(v):
+    if isinstance(v, np.ndarray):
+        return v.tolist()
+    if isinstance(v, (np.floating,)):
+        return float(v)
+    if isinstance(v, (np.integer,)):
+        return int(v)
+    if isinstance(v, (np.bool_,)):
+        return bool(v)
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_jsonable(x) for x in v]
+    return v
