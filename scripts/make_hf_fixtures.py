@@ -94,6 +94,7 @@ def init_weights(model: DeepseekV3ForCausalLM, g: torch.Generator) -> None:
                 b.copy_(v)
 
 
+@torch.no_grad()
 def router_check(model, ids) -> tuple[float, bool]:
     """(smallest selection margin over MoE layers, whether the bias changes some token's experts)."""
     inputs = {}

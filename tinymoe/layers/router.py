@@ -50,6 +50,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from tinymoe.checks import check_float, check_same_dtype, check_shape
+from tinymoe.analysis import dead_experts, expert_load, load_cv, maxvio, routing_entropy  # noqa: F401
 from tinymoe.layers.basic import sigmoid, softmax_backward, softmax_forward
 
 
@@ -301,50 +302,9 @@ def update_bias(bias: np.ndarray, load: np.ndarray, gamma: float) -> np.ndarray:
 
 
 # ================================================================================================
-# router statistics (pure functions; router-analysis.md 4.1)
+# router statistics (router-analysis.md 4.1); the metric functions themselves live in
+# tinymoe/analysis.py and are re-exported here for convenience
 # ================================================================================================
-
-def expert_load(indices: np.ndarray, n_experts: int) -> np.ndarray:
-    """indices [N, K] -> load [E] int64: c_i = #{(t, k) : idx_{t,k} = i}."""
-    return np.bincount(np.asarray(indices).reshape(-1), minlength=n_experts).astype(np.int64)
-
-
-def maxvio(load: np.ndarray) -> float:
-    """load [E] -> (max_i c_i - mean c) / mean c  (Wang et al. 2024 eq. 4). 0 when nothing routed.
-
-    MaxVio_batch: the load of one batch. MaxVio_global (held-out set): the loads summed over it.
-    """
-    c = np.asarray(load, dtype=np.float64)
-    mean = c.mean()
-    return float((c.max() - mean) / mean) if mean > 0 else 0.0
-
-
-def load_cv(load: np.ndarray) -> float:
-    """load [E] -> std(c) / mean(c) (population std; 0 = balanced, sqrt(E-1) = collapse on one)."""
-    c = np.asarray(load, dtype=np.float64)
-    mean = c.mean()
-    return float(c.std() / mean) if mean > 0 else 0.0
-
-
-def dead_experts(load: np.ndarray, threshold: float = 0.0) -> int:
-    """load [E] -> #{i : c_i <= threshold * mean c}; the default counts experts with zero load."""
-    c = np.asarray(load, dtype=np.float64)
-    return int(np.sum(c <= threshold * c.mean()))
-
-
-def routing_entropy(scores_or_probs: np.ndarray, normalized: bool = False) -> float:
-    """[N, E] -> mean_t H_t, H_t = -sum_i p_{t,i} log p_{t,i}, p = s / sum_j s (nats).
-
-    Sigmoid scores are normalised per token first; softmax probabilities are unchanged by it.
-    normalized=True divides by log E (1 = uniform, 0 = one expert takes everything).
-    """
-    s = np.asarray(scores_or_probs, dtype=np.float64)
-    p = s / s.sum(axis=1, keepdims=True)
-    h = -np.sum(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0), axis=1)
-    H = float(h.mean()) if h.size else 0.0
-    E = s.shape[1]
-    return H / np.log(E) if normalized and E > 1 else H
-
 
 def router_stats(cache) -> dict:
     """A router or MoE cache (one layer, one step) -> {load, maxvio, cv, entropy, dead, dropped}.
