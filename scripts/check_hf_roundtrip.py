@@ -140,7 +140,7 @@ def check(name, spec, args, work) -> dict:
          "logits_maxabs": float(np.abs(logits - res.logits.detach().numpy()).max()),
          "logits_absmax": float(np.abs(logits).max()),
          "routing_mismatched_tokens": mism, "routing_tokens": int(ids.size) * len(routing),
-         "loss_diff": abs(float(loss) - float(res.loss)), "grad_max_rel": worst,
+         "loss_diff": abs(float(loss) - res.loss.item()), "grad_max_rel": worst,
          "grad_worst_tensor": worst_key,
          "grad_keys_match": set(ghf) == set(hf_grads)}
     r["ok"] = (not load_problems and not cap.records and r["logits_maxabs"] < 1e-4 and mism == 0

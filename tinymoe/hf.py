@@ -665,9 +665,8 @@ def save_pretrained(model, path: str, *, rope_interleave: bool = True,
     directory transformers loads without any report. rope_interleave=False writes the rope rows in
     half-split order with "rope_interleave": false.
     """
-    st = _need_safetensors()
+    _need_safetensors()
     from safetensors.numpy import save_file
-    del st
     cfg = model.config
     hf = config_to_hf(cfg, rope_interleave=rope_interleave, include_mtp=include_mtp)
     sd = to_hf_state_dict(model, rope_interleave=rope_interleave, include_mtp=include_mtp)

@@ -5,7 +5,7 @@ variable once at start-up):
     tokens/s of a full step, and its split into forward, backward and the AdamW update
     the machine's measured float32 matmul peak (best of a few 1024^3 products) and the model
     FLOPs utilisation (MFU) = model FLOPs per step / step time / peak,
-with model FLOPs from tinymoe.accounting.train_flops_per_token (6 x active non-embedding
+with model FLOPs from tinymoe.accounting.flops_per_token (6 x active non-embedding
 parameters per token plus the attention scores at the batch's context, forward + backward).
 The PyTorch + transformers comparison (DeepseekV3ForCausalLM with the same shape, threads, and
 AdamW) is scripts/bench_torch.py, run with an environment that has torch and transformers.
@@ -44,7 +44,7 @@ def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
 
 def worker(quick: bool) -> dict:
     """Measure in this process (threads fixed by the environment); returns a JSON-able dict."""
-    from tinymoe.accounting import train_flops_per_token
+    from tinymoe.accounting import flops_per_token
     from tinymoe.config import ModelConfig
     from tinymoe.layers.basic import cross_entropy_forward
     from tinymoe.model import Model
@@ -81,7 +81,7 @@ def worker(quick: bool) -> dict:
     t_opt = _median(opt_step, repeats)
     t_step = _median(full_step, repeats)
     peak = matmul_peak(512 if quick else 1024)
-    flops = train_flops_per_token(cfg, T) * B * T
+    flops = flops_per_token(cfg, T).total * B * T
     return {"threads": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
             "tokens_per_s": B * T / t_step, "step_s": t_step, "forward_s": t_fwd,
             "backward_s": max(t_fb - t_fwd, 0.0), "optimizer_s": t_opt, "peak_flops": peak,

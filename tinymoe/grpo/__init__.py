@@ -104,3 +104,22 @@ __all__ = [
     "VOCAB_SIZE", "AdditionTask", "SortTask", "decode", "encode", "make_prompts", "response_mask",
     "reward", "rewards", "sample_problems", "sft_examples",
 ]
+
+# the training loop (warm start + RL steps, checkpoints); `python -m tinymoe.grpo` is its CLI
+from tinymoe.grpo.loop import (  # noqa: E402
+    LOG_FIELDS,
+    GRPOTrainingError,
+    RunConfig,
+    copy_model,
+    greedy_correct,
+    heldout_prompts,
+    load_grpo_checkpoint,
+    rl_step,
+    save_grpo_checkpoint,
+    train_grpo,
+    warm_start,
+)
+
+__all__ += ["LOG_FIELDS", "GRPOTrainingError", "RunConfig", "copy_model", "greedy_correct",
+            "heldout_prompts", "load_grpo_checkpoint", "rl_step", "save_grpo_checkpoint",
+            "train_grpo", "warm_start"]

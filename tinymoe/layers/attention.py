@@ -21,7 +21,7 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from tinymoe.checks import check_float, check_same_dtype, check_shape
-from tinymoe.layers.basic import softmax_backward, softmax_forward
+from tinymoe.layers.basic import softmax_forward
 from tinymoe.layers.rope import rope_angles, rope_backward, rope_forward, softmax_scale
 
 
@@ -72,12 +72,16 @@ def sdpa_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
     scale = float(scale)        # a Python float keeps float32 inputs float32 (NEP 50)
     # 1. heads first; repeat each key/value head for the rep query heads that share it
     qh = q.transpose(0, 2, 1, 3)                                     # [B, H, T, Dk]
-    kh = np.repeat(k.transpose(0, 2, 1, 3), rep, axis=1)             # [B, H, S, Dk]
-    vh = np.repeat(v.transpose(0, 2, 1, 3), rep, axis=1)             # [B, H, S, Dv]
+    kh = k.transpose(0, 2, 1, 3)                                     # [B, Hkv, S, Dk]
+    vh = v.transpose(0, 2, 1, 3)                                     # [B, Hkv, S, Dv]
+    if rep > 1:
+        kh = np.repeat(kh, rep, axis=1)                              # [B, H, S, Dk]
+        vh = np.repeat(vh, rep, axis=1)                              # [B, H, S, Dv]
     # 2. scaled scores, future keys masked with -inf
-    s = (qh @ kh.transpose(0, 1, 3, 2)) * scale                      # [B, H, T, S]
+    s = qh @ kh.transpose(0, 1, 3, 2)                                # [B, H, T, S]
+    s *= scale
     if causal:
-        s = np.where(causal_mask(T, S, q_offset), s, -np.inf)
+        s += np.where(causal_mask(T, S, q_offset), 0.0, -np.inf).astype(s.dtype)   # [T, S] broadcast
     # 3. attention weights
     p, _ = softmax_forward(s)                                        # [B, H, T, S]
     # 4. weighted sum of values, back to tokens first
@@ -100,7 +104,11 @@ def sdpa_backward(do: np.ndarray, cache: SDPACache):
     dp = doh @ vh.transpose(0, 1, 3, 2)                              # [B, H, T, S]
     dvh = p.transpose(0, 1, 3, 2) @ doh                              # [B, H, S, Dv]
     # 3. forward: p = softmax(s)   (masked entries have p = 0, so they get ds = 0)
-    ds = softmax_backward(dp, p) * scale                             # [B, H, T, S]
+    #    ds = p * (dp - rowsum(dp * p)) * scale, computed in dp's buffer (softmax_backward, fused)
+    ds = dp
+    ds -= np.sum(dp * p, axis=-1, keepdims=True)
+    ds *= p
+    ds *= scale                                                      # [B, H, T, S]
     # 2. forward: s = q @ k^T * scale
     dqh = ds @ kh                                                    # [B, H, T, Dk]
     dkh = ds.transpose(0, 1, 3, 2) @ qh                              # [B, H, S, Dk]

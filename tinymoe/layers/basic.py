@@ -108,7 +108,8 @@ def sigmoid(a: np.ndarray) -> np.ndarray:
     """
     a = _as_float(a)
     e = np.exp(-np.abs(a))
-    return np.where(a >= 0, 1.0 / (1.0 + e), e / (1.0 + e)).astype(a.dtype, copy=False)
+    r = 1.0 / (1.0 + e)
+    return np.where(a >= 0, r, e * r).astype(a.dtype, copy=False)
 
 
 def _as_float(a) -> np.ndarray:
@@ -187,8 +188,9 @@ def softmax_forward(x: np.ndarray):
     if x.ndim == 0:
         raise ValueError("x: expected at least one dimension (softmax runs over the last axis)")
     m = np.max(x, axis=-1, keepdims=True)                        # [..., 1]
-    e = np.exp(x - m)                                            # [..., C]
-    p = e / np.sum(e, axis=-1, keepdims=True)                    # [..., C]
+    p = x - m                                                    # [..., C]
+    np.exp(p, out=p)                                             # in place: one buffer
+    p /= np.sum(p, axis=-1, keepdims=True)                       # [..., C]
     return p, p
 
 

@@ -38,7 +38,8 @@ Balance losses (functions of the scores s and the routed set idx; forward/backwa
 Auxiliary-loss-free balancing (V3 2.1.2; Wang et al. 2024 Alg. 1), after every optimizer step:
         b_i <- b_i + gamma * sign(mean_j c_j - c_i)     (c = the step's load per expert)
 
-Router statistics (reference/router-analysis.md 4.1), pure functions of loads and scores:
+Router statistics (reference/router-analysis.md 4.1), pure functions of loads and scores that live
+in tinymoe/analysis.py and are re-exported here (router_stats gathers them for one layer and step):
     load c_i, MaxVio = (max_i c_i - mean c) / mean c (Wang et al. 2024 eq. 4; per batch, or over a
     held-out set by passing the summed loads), CV = std(c) / mean(c), dead experts, mean per-token
     routing entropy of the normalised affinities.
