@@ -154,9 +154,11 @@ def full_loss(model: Model, tokens: np.ndarray, targets: np.ndarray):
     return ce + cache.aux_loss, {k: np.sort(c.indices, axis=1) for k, c in cache.moe_caches.items()}
 
 
-def rel_errors(a: np.ndarray, n: np.ndarray) -> np.ndarray:
-    """|a - n| / max(|a|, |n|, 1e-3 * largest entry of the tensor, 1e-8), as tinymoe.gradcheck."""
-    scale = max(np.abs(a).max(initial=0.0), np.abs(n).max(initial=0.0))
+def rel_errors(a: np.ndarray, n: np.ndarray, full: np.ndarray) -> np.ndarray:
+    """|a - n| / max(|a|, |n|, 1e-3 * largest entry of the tensor, 1e-8), as tinymoe.gradcheck,
+    except that the tensor's scale is taken over ALL its analytic entries (`full`), not only the
+    sampled ones: a sample that only hits unused experts (exact zeros) is not judged against 1e-8."""
+    scale = max(np.abs(full).max(initial=0.0), np.abs(n).max(initial=0.0))
     return np.abs(a - n) / np.maximum(np.maximum(np.abs(a), np.abs(n)), max(1e-3 * scale, 1e-8))
 
 
@@ -184,7 +186,7 @@ def gradcheck_model(model: Model, tokens, targets, max_entries: int, h: float = 
             flat[i] = old                             # restored bitwise
             numeric[j] = (-vals[0] + 8 * vals[1] - 8 * vals[2] + vals[3]) / (12 * h)
         analytic = grads[name].reshape(-1)[idx]
-        out[name] = (float(rel_errors(analytic, numeric).max()), int(idx.size))
+        out[name] = (float(rel_errors(analytic, numeric, grads[name]).max()), int(idx.size))
     return out, flips
 
 
