@@ -209,7 +209,7 @@ plot_lines(steps, {"decoupled RoPE (MLA): absorbed vs naive cache": np.maximum(d
 # 0.693), same seed, same batches. Cache per token and layer: MLA 12 values, MHA 4*(12+8) = 80
 # for tinymoe's baseline block (keys keep their rope part).
 # %%
-STEPS = 120 if QUICK else 1200
+STEPS = 40 if QUICK else 1200
 
 
 def train_pair(seed: int) -> dict:

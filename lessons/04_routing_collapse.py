@@ -195,19 +195,19 @@ for s, r in runs.items():
     mv = r["probe_loads"].max(axis=1) / r["probe_loads"].mean(axis=1) - 1
     ax.plot(r["probe_steps"], mv, label=f"seed {s}")
 ax.set(xlabel="training step", ylabel="MaxVio on the probe (max/mean - 1)",
-       title="(c) imbalance grows as winners take over")
+       title="(c) MaxVio on the probe: imbalanced from step 1, then locked in")
 ax.legend(fontsize=7)
 ax.grid(alpha=0.3)
 ax = axs[1, 1]
 for s, r in runs.items():
     ax.plot(r["probe_steps"], r["probe_entropy"], label=f"seed {s}")
 ax.set(xlabel="training step", ylabel="router entropy / ln E (1 = uniform scores)",
-       title="(d) the router becomes decisive", ylim=(0, 1.05))
+       title="(d) router entropy: the scores stay soft", ylim=(0, 1.05))
 ax.legend(fontsize=7)
 ax.grid(alpha=0.3)
 fig.suptitle("Routing collapse: 16 experts, top-1 softmax router, no load balancing", fontsize=12)
-fig.text(0.5, 0.01, "What to see: a few bands swallow the probe tokens, several experts end below "
-         "5 % of their fair share (dead) while the router's scores sharpen.",
+fig.text(0.5, 0.01, "What to see: a few bands swallow the probe tokens and 5-6 experts end below "
+         "5 % of their fair share (dead), although the softmax scores stay close to uniform.",
          ha="center", fontsize=9, style="italic")
 fig.tight_layout(rect=(0, 0.03, 1, 0.96))
 main = L.main_figure(L.path("collapse.png"))
@@ -218,11 +218,20 @@ A.plot_load_over_training(r0["probe_loads"], L.path("load_over_training.png"),
 
 # %% [markdown]
 # ## 4. Claims
-# Measured over seeds 0, 1, 2 (full mode, 1000 steps; numbers in metrics.json and the lesson
-# report): dead experts 5-8 of 16, MaxVio_global 2.6-5.2 (issue thresholds: >= 4 dead,
-# MaxVio > 1.5). The claims hold for the **worst** seed. Loss alone does not reveal the collapse:
-# every seed still learns the grammar (val ce well below the unigram baseline), the surviving
-# experts just do all the work — pair any routing claim with a load metric.
+# Measured over seeds 0, 1, 2 (full mode, 1000 steps, 16384 held-out tokens): dead experts
+# 5 / 5 / 6 of 16 (3 / 4 / 0 with exactly zero load), MaxVio_global 3.30 / 1.97 / 2.48, held-out
+# loss 0.84 / 0.81 / 0.83 nats (optimum 0.69). The issue's thresholds (>= 4 dead, MaxVio > 1.5)
+# are asserted on the **worst** seed.
+#
+# What the figure teaches beyond the two numbers:
+# * The imbalance is there from step 1 (panel c): at init the router logits are tiny, but top-1
+#   takes the argmax, and the hidden states of different tokens are similar, so the same few
+#   experts win for many tokens. Without balancing nothing undoes that early lead; the winners get
+#   the gradient (section 1) and the lead is locked in by step ~500.
+# * The router entropy (panel d) falls only from 1.0 to ~0.87 of ln 16: collapse does not need a
+#   confident router. Top-1 routing follows small, systematic logit differences.
+# * Loss alone does not reveal the collapse: every seed still learns the grammar, the surviving
+#   experts just do all the work. Pair any routing claim with a load metric.
 
 # %%
 per = lambda key: [runs[s][key] for s in L.seeds]

@@ -411,10 +411,11 @@ fig = Figure(figsize=(14, 4.6), dpi=100)
 FigureCanvasAgg(fig)
 ax = fig.add_subplot(1, 3, 1)
 k = 25
+COLORS = {"dense": "C0", "coarse": "C1", "fine": "C2", "fine+shared": "C3"}
 for n in names:
     cv = R[n]["curve"]
     sm = np.convolve(cv, np.ones(k) / k, mode="valid")
-    ax.plot(np.arange(len(sm)) + k, sm, label=f"{n} (final {R[n]['loss']:.3f})")
+    ax.plot(np.arange(len(sm)) + k, sm, c=COLORS[n], label=f"{n} (final {R[n]['loss']:.3f})")
 ax.set_yscale("log")
 ax.set_xlabel("training step")
 ax.set_ylabel("cross-entropy (nats, log scale)")
@@ -423,7 +424,8 @@ ax.legend(fontsize=8)
 ax = fig.add_subplot(1, 3, 2)
 for n in moe_names:
     E = CFGS[n].n_routed_experts
-    ax.plot(np.array(R[n]["skip_r"]) / E, R[n]["skip_loss"], "o-", label=n)
+    ax.plot(np.array(R[n]["skip_r"]) / E, R[n]["skip_loss"], "o-", c=COLORS[n], label=n)
+ax.axhline(R["dense"]["loss"], c=COLORS["dense"], ls="--", label="dense (no ablation)")
 ax.set_xlabel("ratio of disabled top routed experts (r / E)")
 ax.set_ylabel("cross-entropy (nats)")
 ax.set_title("(b) disable each token's top-r experts")
@@ -432,7 +434,7 @@ ax = fig.add_subplot(1, 3, 3)
 bars = {f"{n}\ndrop busiest": R[n]["drop_busiest"] for n in moe_names}
 bars["fine+shared\ndrop shared\n(+1 routed)"] = R["fine+shared"]["drop_shared"]
 ax.bar(range(len(bars)), list(bars.values()),
-       color=["C1", "C2", "C3", "C4"][:len(bars)])
+       color=[COLORS[n] for n in moe_names] + ["C4"])
 ax.set_xticks(range(len(bars)))
 ax.set_xticklabels(list(bars), fontsize=7)
 ax.set_ylabel("loss increase (nats)")

@@ -71,7 +71,7 @@ def make_config(ds) -> ModelConfig:
         n_routed_experts=16, n_shared_experts=1, n_activated_experts=4, moe_inter_dim=16,
         n_expert_groups=1, n_limited_groups=1, score_func="sigmoid", route_scale=2.5,
         # balancing: bias (aux-loss-free) + sequence-wise loss (V3 eqs. 17-20)
-        bias_update_speed=3e-3, seq_aux_loss_alpha=1e-4,
+        bias_update_speed=1e-3, seq_aux_loss_alpha=1e-4,   # V3 gamma
         # one MTP module, lambda 0.3 (V3 4.2)
         n_mtp_modules=1, mtp_lambda=0.3)
 

@@ -64,8 +64,8 @@ Q = L.quick
 TASK = grpo.AdditionTask(n_digits=1)
 CFG = ModelConfig.preset("toy", vocab_size=grpo.VOCAB_SIZE, n_layers=1, n_dense_layers=0,
                          max_seq_len=16)
-RL_STEPS = 4 if Q else 150             # headline runs (every seed)
-VAR_STEPS = 3 if Q else 80             # variant runs (first seed only)
+RL_STEPS = 4 if Q else 180             # headline runs (every seed)
+VAR_STEPS = 3 if Q else 70             # variant runs (first seed only)
 BASE = grpo.GRPOConfig.grpo(group_size=8, prompts_per_step=32, beta=0.04, lr=2e-3)
 RUN = grpo.RunConfig(rl_steps=RL_STEPS, sft_steps=10 if Q else 60, sft_batch=64, sft_lr=3e-3,
                      sft_max_units=4, eval_split="warmstart", eval_every=2 if Q else 10,

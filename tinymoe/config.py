@@ -221,6 +221,23 @@ class ModelConfig:
         return cls.from_dict(fields)
 
 
+def parse_overrides(items) -> dict:
+    """["FIELD=VALUE", ...] (command-line --set flags, VALUE as JSON or None) -> {field: value}."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        key, value = item.split("=", 1)
+        if key not in fields:
+            raise ValueError(f"--set {key}: not a ModelConfig field")
+        try:
+            out[key] = None if value in ("None", "none", "null") else json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value            # a bare string such as score_func=softmax
+    return out
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # reference/deepseek.md section 1, "toy" column: each group holds >= 2 experts.
     "toy": dict(vocab_size=64, dim=32, inter_dim=64, moe_inter_dim=16, n_layers=3,

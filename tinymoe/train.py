@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 
 from tinymoe.checkpoint import load_checkpoint, restore_model, restore_rng, save_checkpoint
-from tinymoe.config import ModelConfig
+from tinymoe.config import ModelConfig, parse_overrides
 from tinymoe.model import Model
 from tinymoe.optim import AdamW, clip_grad_norm, lr_schedule
 
@@ -212,19 +212,6 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _parse_set(items: List[str]) -> dict:
-    fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        key, value = item.split("=", 1)
-        if key not in fields:
-            raise ValueError(f"--set {key}: not a ModelConfig field")
-        out[key] = json.loads(value) if value not in ("None", "none") else None
-    return out
-
-
 def main(argv: Optional[List[str]] = None) -> int:
     p = _Parser(prog="python -m tinymoe.train", description="Train a tinymoe model on synthetic data.")
     p.add_argument("--preset", default="toy", help="ModelConfig preset (default toy)")
@@ -256,7 +243,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg = None
         else:
             data, seq_len, data_seed = args.data, args.seq_len, args.seed
-            cfg = ModelConfig.preset(args.preset, **_parse_set(args.set))
+            cfg = ModelConfig.preset(args.preset, **parse_overrides(args.set))
             if seq_len > cfg.max_seq_len:
                 raise ValueError(f"--seq-len {seq_len}: exceeds the preset's max_seq_len "
                                  f"{cfg.max_seq_len}")

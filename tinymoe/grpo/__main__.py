@@ -55,7 +55,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         from tinymoe import grpo
         from tinymoe.config import ModelConfig
         from tinymoe.grpo.loop import RunConfig, train_grpo
-        from tinymoe.train import _parse_set
+        from tinymoe.config import parse_overrides
         units = None if args.sft_units.lower() == "none" else int(args.sft_units)
         rcfg = RunConfig(rl_steps=args.rl_steps, sft_steps=args.sft_steps, sft_max_units=units,
                          eval_every=args.eval_every, eval_split=args.eval_split,
@@ -75,7 +75,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             need = task.prompt_len + task.max_response_len
             overrides = dict(vocab_size=grpo.VOCAB_SIZE, max_seq_len=max(16, need),
                              n_layers=1, n_dense_layers=0)
-            overrides.update(_parse_set(args.set))
+            overrides.update(parse_overrides(args.set))
             cfg = ModelConfig.preset(args.preset, **overrides)
             out = train_grpo(cfg, task, gcfg, rcfg, out_dir=args.out)
         if args.out:

@@ -2,10 +2,12 @@
 
     from tinymoe import grpo
     from tinymoe.config import ModelConfig
-    task = grpo.AdditionTask()
-    out = grpo.train_grpo(ModelConfig.preset("toy", vocab_size=grpo.VOCAB_SIZE, max_seq_len=16),
-                          task, grpo.GRPOConfig.grpo(group_size=8, beta=0.04),
-                          grpo.RunConfig(sft_steps=300, rl_steps=200, seed=0))
+    task = grpo.AdditionTask(n_digits=1)              # the setting lessons/08_grpo.py calibrated
+    cfg = ModelConfig.preset("toy", vocab_size=grpo.VOCAB_SIZE, n_layers=1, n_dense_layers=0,
+                             max_seq_len=16)
+    out = grpo.train_grpo(cfg, task, grpo.GRPOConfig.grpo(group_size=8, beta=0.04, lr=2e-3),
+                          grpo.RunConfig(sft_steps=60, rl_steps=180, sft_max_units=4,
+                                         eval_split="warmstart", eval_every=10, seed=0))
     out["history"]       # one record per RL step (step 0 = the warm-started policy, before RL)
 
 Phase 1, warm start (supervised, partial on purpose, [R1] §2.3's "cold start" in miniature):
