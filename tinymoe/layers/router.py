@@ -15,6 +15,10 @@ Forward (reference/deepseek.md sections 7.1, 7.2; DeepSeek-V3 2.1.2 eqs. 12-16; 
     7. if cfg.renormalize:  w = w / sum_k w    (V3 eq. 13; optional for softmax)
     8. w = route_scale * w                     (normalise first, then scale)
 
+A degenerate case worth knowing: sigmoid scores renormalised over K = 1 chosen expert give the
+weight s/s * route_scale = route_scale for every token, so the loss sends the router no gradient
+at all (only balance losses and the bias move it). Top-1 routers use softmax scores (V2 style).
+
 Ties (equal selection scores, equal group scores) go to the lower index (stable sort), so the
 routing is deterministic. The selection (steps 3-5) is piecewise constant: no gradient flows
 through idx, the group mask or b (deepseek.md 7.4). The backward flows through the chosen w
