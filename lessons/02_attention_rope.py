@@ -43,18 +43,17 @@ metrics.json; routing.npz (labels = class of the token to output, plus positions
 #   "attend 3 back" at length 32 has learned it for every length.
 # %%
 import os
-import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from typing import NamedTuple
 
 import numpy as np
 
-from tinymoe.analysis import (_figure, _save, maxvio, nmi_top1, plot_heatmaps, plot_lines,
+from tinymoe.analysis import (new_figure, save_figure, maxvio, nmi_top1, plot_heatmaps, plot_lines,
                               relative_load_matrix)
 from tinymoe.config import ModelConfig
+from tinymoe.gradcheck import gradcheck_scalar
 from tinymoe.layers.attention import sdpa_backward, sdpa_forward
 from tinymoe.layers.basic import (cross_entropy_backward, cross_entropy_forward,
                                   embedding_backward, embedding_forward, linear_backward,
@@ -251,29 +250,15 @@ def gradcheck_lesson(variant: str, seed: int, max_entries: int, h: float = 3e-4)
     _, _, cache = forward(p, x, y, variant, bias)
     grads = backward(cache, variant)
     base = np.sort(cache.moe.indices, axis=1)
-    worst = 0.0
-    for name, w in p.items():
-        flat = w.reshape(-1)
-        idx = np.arange(flat.size)
-        if flat.size > max_entries:
-            idx = grng.choice(flat.size, size=max_entries, replace=False)
-        num = np.empty(idx.size)
-        for j, i in enumerate(idx):
-            old, vals = flat[i], []
-            for st in (2 * h, h, -h, -2 * h):
-                flat[i] = old + st
-                lo, _, c = forward(p, x, y, variant, bias)
-                assert np.array_equal(np.sort(c.moe.indices, axis=1), base), "routing flipped"
-                vals.append(lo)
-            flat[i] = old
-            num[j] = (-vals[0] + 8 * vals[1] - 8 * vals[2] + vals[3]) / (12 * h)
-        a = grads[name].reshape(-1)[idx]
-        # scale of the tensor: its largest gradient entry (all entries, not only the sampled ones,
-        # so a sample that happens to hit only unused experts is not judged against 1e-8)
-        sc = max(np.abs(grads[name]).max(), np.abs(num).max())
-        rel = np.abs(a - num) / np.maximum(np.maximum(np.abs(a), np.abs(num)), max(1e-3 * sc, 1e-8))
-        worst = max(worst, float(rel.max()))
-    return worst
+
+    def loss_fn() -> float:
+        lo, _, c = forward(p, x, y, variant, bias)
+        assert np.array_equal(np.sort(c.moe.indices, axis=1), base), "routing flipped"
+        return lo
+
+    report = gradcheck_scalar(loss_fn, p, grads, eps=h, stencil=4, max_entries=max_entries,
+                              seed=seed)
+    return report.max_rel_error
 
 
 grad_err = max(gradcheck_lesson(v, L.seed, 4 if QUICK else 12) for v in VARIANTS)
@@ -360,7 +345,7 @@ L.log(f"{'rope, keys < 32 back':<10s} {'':>10s} {r0['rope']['window']['acc']:>10
 # limited to the last 32 positions (so every offset was seen in training), is perfect at every
 # position of the 64-token rows.
 # %%
-fig = _figure(8.0, 4.6)
+fig = new_figure(8.0, 4.6)
 ax = fig.add_subplot(1, 1, 1)
 tpos = np.arange(2 * T_TRAIN)
 for variant, col in zip(VARIANTS, ("tab:gray", "tab:orange", "tab:blue")):
@@ -382,7 +367,7 @@ ax.set_ylabel(f"accuracy of 'token at t-{K_BACK}'")
 ax.set_ylim(-0.02, 1.05)
 ax.legend(fontsize=8, loc="center left")
 ax.grid(alpha=0.3)
-_save(fig, L.main_figure(L.path("accuracy.png")),
+save_figure(fig, L.main_figure(L.path("accuracy.png")),
       f"Copy the token {K_BACK} back: no positions vs learned absolute vs RoPE (trained at T={T_TRAIN})",
       "No positions: near chance. Absolute: chance past T=32 (no trained row). RoPE: perfect until "
       "unseen offsets (> 31) appear; with keys limited to seen offsets, perfect everywhere.")
@@ -395,7 +380,7 @@ _save(fig, L.main_figure(L.path("accuracy.png")),
 # whole prefix (1/(t+1) per key).
 # %%
 mats = [r0[v]["train"]["attn"][0] for v in VARIANTS] + [r0["rope"]["long"]["attn"][0][:48, :48]]
-fig = _figure(14.0, 4.2)
+fig = new_figure(14.0, 4.2)
 titles = [f"{v} (T={T_TRAIN})" for v in VARIANTS] + [f"rope at T={2 * T_TRAIN} (first 48)"]
 for i, (m, t) in enumerate(zip(mats, titles)):
     ax = fig.add_subplot(1, 4, i + 1)

@@ -41,15 +41,13 @@ metrics.json; routing.npz (labels = language of each held-out token, MLA model).
 # for MHA with 128 heads of width 128.
 # %%
 import os
-import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
 from tinymoe.accounting import kv_cache_bytes, kv_cache_elements, kv_cache_elements_per_layer
-from tinymoe.analysis import (_figure, _save, nmi_null, nmi_top1, plot_heatmaps, plot_lines,
+from tinymoe.analysis import (new_figure, save_figure, nmi_null, nmi_top1, plot_heatmaps, plot_lines,
                               relative_load_matrix)
 from tinymoe.config import ModelConfig
 from tinymoe.data import bigram_entropy, make_languages, split_arrays
@@ -93,7 +91,7 @@ L.log(f"MLA / MHA cache at V3 size: {table['mla']['V3']['per_token'] / table['mh
       f" (MLA = GQA with {table['mla']['V3']['per_layer'] / (2 * 128):.2f} groups)")
 
 ctx = np.unique(np.logspace(0, np.log10(131072), 60).astype(int))
-fig = _figure(12.0, 4.8)
+fig = new_figure(12.0, 4.8)
 for i, (name, cfg) in enumerate((("toy", TOY), ("V3", V3))):
     ax = fig.add_subplot(1, 2, i + 1)
     for kind, col in zip(KINDS, ("tab:red", "tab:orange", "tab:green", "tab:blue")):
@@ -111,7 +109,7 @@ for i, (name, cfg) in enumerate((("toy", TOY), ("V3", V3))):
     ax.set_ylabel("KV cache of one sequence (bytes, bf16)")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3, which="both")
-_save(fig, L.main_figure(L.path("kv_cache.png")), "KV cache against context length: MHA, GQA, MQA, MLA",
+save_figure(fig, L.main_figure(L.path("kv_cache.png")), "KV cache against context length: MHA, GQA, MQA, MLA",
       "Straight lines (cache grows linearly); MLA sits 57x below MHA at V3 size, between "
       "GQA-8 and MQA.")
 

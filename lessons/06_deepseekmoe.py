@@ -50,10 +50,8 @@ Fig. 4), drop the shared expert vs the busiest routed expert, and look at co-act
 
 # %%
 import os
-import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # small matrices: threads only cost (router-analysis 5)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import time
 

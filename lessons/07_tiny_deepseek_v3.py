@@ -39,10 +39,8 @@ acceptance, and a few generated samples.
 
 # %%
 import os
-import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # small matrices: threads only cost (router-analysis 5)
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 

@@ -30,12 +30,10 @@ Run:  python lessons/08_grpo.py [--quick] [--seeds 3] [--out runs/08_grpo]
 
 # %%
 import os
-import sys
 
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # tiny matrices: BLAS threads only cost time
 import numpy as np                                   # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from tinymoe import grpo                              # noqa: E402
 from tinymoe.config import ModelConfig               # noqa: E402
 from tinymoe.lesson import Lesson                    # noqa: E402

@@ -1,7 +1,6 @@
 """Shared test settings: the one tolerance table, seeded generators, and the backend fixture."""
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest

@@ -8,7 +8,6 @@ from tinymoe import ModelConfig
 from tinymoe.gradcheck import gradcheck
 from tinymoe.layers.attention import (KVCache, causal_mask, init_mha_params, mha_backward,
                                       mha_decode, mha_forward, sdpa_backward, sdpa_forward)
-from tinymoe.layers.rope import softmax_scale
 
 
 def _sdpa_loops(q, k, v, scale, q_offset):

@@ -108,3 +108,31 @@ def test_report_string_lists_every_tensor(rng):
                   {"x": x, "w": w})
     lines = str(r).splitlines()
     assert len(lines) == 3 and lines[1].startswith("x") and lines[2].startswith("w")
+
+
+@pytest.mark.gradcheck
+def test_fourth_order_stencil_beats_central_difference():
+    # L = sum(sin(x)) has dL/dx = cos(x) in closed form; at a step of 3e-4 the central
+    # difference is off by ~h^2/6 ~ 1.5e-8 relative, the 4th-order stencil by ~h^4/30 ~ 3e-16.
+    x = np.linspace(-1.0, 1.0, 7)
+    exact = {"x": np.cos(x)}
+    two = gradcheck_scalar(lambda: np.sum(np.sin(x)), {"x": x}, exact, eps=3e-4)
+    four = gradcheck_scalar(lambda: np.sum(np.sin(x)), {"x": x}, exact, eps=3e-4, stencil=4)
+    assert 1e-9 < two.max_rel_error < 1e-7
+    assert four.max_rel_error < 1e-10
+    with pytest.raises(ValueError, match="stencil"):
+        gradcheck_scalar(lambda: 0.0, {"x": x}, exact, stencil=3)
+
+
+@pytest.mark.gradcheck
+def test_sampled_entries_are_judged_against_the_whole_tensor_scale():
+    # Only entry 0 has a gradient (1.0); the backward is off by 1e-10 on the other entries.
+    # A sample of 10 of 1000 entries almost surely misses entry 0; measured against the
+    # tensor's scale (1e-3 * 1.0) that 1e-10 is 1e-7 relative, not 1e-10 / 1e-8 = 0.01.
+    x = np.zeros(1000)
+    a = np.zeros(1000)
+    a[0] = 1.0
+    grads = {"x": a + np.where(a == 0, 1e-10, 0.0)}
+    report = gradcheck_scalar(lambda: float(a @ x), {"x": x}, grads, max_entries=10)
+    assert report.tensors["x"].n_checked == 10
+    report.assert_ok(1e-6)

@@ -1,6 +1,5 @@
 """Packaging: a light `import tinymoe`, declared dependencies, and the bench entry point."""
 import configparser
-import os
 import subprocess
 import sys
 import textwrap

@@ -393,7 +393,8 @@ def random_baselines(E: int, K: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 # plots (headless: an Agg canvas, no pyplot)
 # ---------------------------------------------------------------------------------------------
-def _figure(width: float = 7.2, height: float = 4.6):
+def new_figure(width: float = 7.2, height: float = 4.6):
+    """A headless matplotlib Figure (Agg canvas, no pyplot state) for custom lesson plots."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     fig = Figure(figsize=(width, height), dpi=100)
@@ -401,7 +402,8 @@ def _figure(width: float = 7.2, height: float = 4.6):
     return fig
 
 
-def _save(fig, path, title: str, caption: Optional[str]) -> str:
+def save_figure(fig, path, title: str, caption: Optional[str]) -> str:
+    """Title, one-line caption under the axes, tight layout, PNG at `path`; returns the path."""
     fig.suptitle(title, fontsize=11)
     if caption:
         fig.text(0.5, 0.012, caption, ha="center", va="bottom", fontsize=8, style="italic", wrap=True)
@@ -426,7 +428,7 @@ def plot_load_over_training(loads, path, title: str = "Expert load over training
     if x.shape != (L.shape[0],):
         raise ValueError(f"steps: expected {L.shape[0]} values, got shape {list(x.shape)}")
     E = L.shape[1]
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     import matplotlib
     cmap = matplotlib.colormaps["tab20"]
@@ -441,7 +443,7 @@ def plot_load_over_training(loads, path, title: str = "Expert load over training
         ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=7)
     cap = caption or ("Bands of equal height (dashed: the 1/E share) mean balanced load; "
                       "one band swallowing the rest is collapse.")
-    return _save(fig, path, title, cap)
+    return save_figure(fig, path, title, cap)
 
 
 def plot_maxvio(curves: dict, path, title: str = "MaxVio per batch", steps=None,
@@ -449,7 +451,7 @@ def plot_maxvio(curves: dict, path, title: str = "MaxVio per batch", steps=None,
     """curves {name: [MaxVio per step]} -> one line each (log y by default; 0 = perfect balance)."""
     if not isinstance(curves, dict) or not curves:
         raise ValueError("curves: expected a non-empty dict {name: list of MaxVio values}")
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for name, ys in curves.items():
         y = np.asarray(ys, dtype=np.float64)
@@ -462,7 +464,7 @@ def plot_maxvio(curves: dict, path, title: str = "MaxVio per batch", steps=None,
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     cap = caption or "Lower is better balanced: 0 = every expert gets its share, E-1 = one expert gets all."
-    return _save(fig, path, title, cap)
+    return save_figure(fig, path, title, cap)
 
 
 def plot_heatmaps(matrices: Sequence, row_names, col_names, path, title: str,
@@ -486,7 +488,7 @@ def plot_heatmaps(matrices: Sequence, row_names, col_names, path, title: str,
     finite = np.concatenate([m[np.isfinite(m)] for m in mats]) if mats else np.zeros(1)
     hi = vmax if vmax is not None else (float(finite.max()) if finite.size else 1.0)
     P = len(mats)
-    fig = _figure(min(4.0 + 0.4 * Cn * P, 18.0), min(2.8 + 0.35 * R, 12.0))
+    fig = new_figure(min(4.0 + 0.4 * Cn * P, 18.0), min(2.8 + 0.35 * R, 12.0))
     gs = fig.add_gridspec(1, P + 1, width_ratios=[1.0] * P + [0.04], left=0.12, right=0.92,
                           bottom=0.24, top=0.84, wspace=0.12)
     if annotate is None:
@@ -556,7 +558,7 @@ def plot_bar(values, path, title: str, ylabel: str, caption: Optional[str] = Non
     if not vals or len(names) != len(vals):
         raise ValueError("values: expected a non-empty dict or a sequence with as many names")
     v = np.asarray(vals, dtype=np.float64)
-    fig = _figure(max(5.0, 0.35 * len(v) + 2.5), 4.4)
+    fig = new_figure(max(5.0, 0.35 * len(v) + 2.5), 4.4)
     ax = fig.add_subplot(1, 1, 1)
     ax.bar(range(len(v)), np.maximum(v, 1e-300) if logy else v, color="tab:blue")
     ax.set_xticks(range(len(v)))
@@ -571,7 +573,7 @@ def plot_bar(values, path, title: str, ylabel: str, caption: Optional[str] = Non
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path, title, caption)
+    return save_figure(fig, path, title, caption)
 
 
 def plot_lines(x, curves: dict, path, title: str, xlabel: str, ylabel: str,
@@ -580,7 +582,7 @@ def plot_lines(x, curves: dict, path, title: str, xlabel: str, ylabel: str,
     """x [n] (or None = 0..n-1) and curves {name: [n] values} -> line plot; hlines {name: y} dashed."""
     if not isinstance(curves, dict) or not curves:
         raise ValueError("curves: expected a non-empty dict {name: values}")
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for name, ys in curves.items():
         y = np.asarray(ys, dtype=np.float64)
@@ -601,7 +603,7 @@ def plot_lines(x, curves: dict, path, title: str, xlabel: str, ylabel: str,
     ax.set_ylabel(ylabel)
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    return _save(fig, path, title, caption)
+    return save_figure(fig, path, title, caption)
 
 
 def plot_coactivation(A, path, title: str = "Expert co-activation P(j | i)",

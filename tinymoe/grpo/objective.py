@@ -32,7 +32,7 @@ Conventions (deepseek.md §14 item 24):
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
-from typing import Dict, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import os
 from typing import Callable, Dict
 
-import numpy as np
 
 BACKENDS = ("numba", "numpy")
 
