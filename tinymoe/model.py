@@ -33,8 +33,10 @@ import numpy as np
 from tinymoe.checks import check_shape, check_tokens
 from tinymoe.config import ModelConfig
 from tinymoe.layers.basic import (cross_entropy_backward, cross_entropy_forward, embedding_backward,
-                                  embedding_forward, swiglu_backward, swiglu_forward)
+                                  embedding_forward, linear_backward, linear_forward,
+                                  swiglu_backward, swiglu_forward)
 from tinymoe.layers.norm import rmsnorm_backward, rmsnorm_forward
+from tinymoe.memory import keep_freed_memory
 
 NORM_SUFFIXES = ("norm",)   # parameter names ending like this are RMSNorm scales (init 1, no decay)
 
@@ -212,7 +214,7 @@ class ForwardCache(NamedTuple):
     embed: object                # EmbeddingCache
     blocks: List[BlockCache]     # one per layer
     final_norm: object           # RMSNormCache [B, T, D]
-    head_in: np.ndarray          # [B, T, D] normed hidden state fed to the head
+    head: object                 # LinearCache of the output head (input [B, T, D], W [V, D])
     mtp: list                    # per depth: dict of caches (see _mtp_forward)
     aux_loss: float              # sum of the balance losses of every MoE block (already times alpha)
     moe_caches: Dict[str, object]  # bias name -> MoE cache (routing, loads) of that step
@@ -229,6 +231,7 @@ class Model:
 
     def __init__(self, config: ModelConfig, seed: int = 0, dtype=np.float32):
         config.validate()
+        keep_freed_memory()          # reuse big temporaries instead of page-faulting them back
         dtype = np.dtype(dtype)
         if dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype: {dtype} is not supported; use float32 or float64")
@@ -245,6 +248,7 @@ class Model:
         """Build a model from given arrays; every key and shape is checked against the config."""
         model = cls.__new__(cls)
         config.validate()
+        keep_freed_memory()
         model.config = config
         expected = param_shapes(config)
         missing = sorted(set(expected) - set(params))
@@ -312,7 +316,7 @@ class Model:
                 moe_caches[bias_name] = c.ffn
         # 3. final norm and head
         hn, c_fn = rmsnorm_forward(h, P["norm"], cfg.norm_eps)                      # [B, T, D]
-        logits = hn @ P["head"].T                                                   # [B, T, V]
+        logits, c_head = linear_forward(hn, P["head"])                              # [B, T, V]
         # 4. multi-token prediction depths
         mtp_logits, mtp_caches = [], []
         if mtp:
@@ -323,7 +327,7 @@ class Model:
                 mtp_caches.append(c_mtp)
                 aux_total += aux
                 moe_caches[f"mtp.{k - 1}.ffn.gate.bias"] = c_mtp["block"].ffn
-        cache = ForwardCache(tokens, c_emb, blocks, c_fn, hn, mtp_caches, aux_total, moe_caches)
+        cache = ForwardCache(tokens, c_emb, blocks, c_fn, c_head, mtp_caches, aux_total, moe_caches)
         return logits, mtp_logits, cache
 
     def _mtp_forward(self, k: int, tokens: np.ndarray, h_prev: np.ndarray):
@@ -337,14 +341,14 @@ class Model:
         hn, c_hn = rmsnorm_forward(h_prev[:, :T - k], P[f"{pre}.hnorm"], cfg.norm_eps)
         # 2. concatenate (embedding half first) and project
         cat = np.concatenate([en, hn], axis=-1)                                     # [B, T-k, 2D]
-        x = cat @ P[f"{pre}.eh_proj"].T                                             # [B, T-k, D]
+        x, c_eh = linear_forward(cat, P[f"{pre}.eh_proj"])                          # [B, T-k, D]
         # 3. one MoE transformer block
         hk, aux, c_blk = block_forward(x, P, pre, cfg, self.buffers[f"{pre}.ffn.gate.bias"], True)
         # 4. its own norm, then the shared head
         on, c_on = rmsnorm_forward(hk, P[f"{pre}.norm"], cfg.norm_eps)              # [B, T-k, D]
-        logits = on @ P["head"].T                                                   # [B, T-k, V]
-        cache = dict(emb=c_e, enorm=c_en, hnorm=c_hn, cat=cat, block=c_blk, norm=c_on, on=on,
-                     T_prev=h_prev.shape[1])
+        logits, c_head = linear_forward(on, P["head"])                              # [B, T-k, V]
+        cache = dict(emb=c_e, enorm=c_en, hnorm=c_hn, eh_proj=c_eh, block=c_blk, norm=c_on,
+                     head=c_head, T_prev=h_prev.shape[1])
         return logits, hk, cache, aux
 
     def _mtp_backward(self, k: int, dlogits: np.ndarray, dhk: np.ndarray, cache: dict, grads: dict,
@@ -354,16 +358,15 @@ class Model:
         pre = f"mtp.{k - 1}"
         D = self.config.dim
         # 4. forward: logits = on @ head.T ; on = norm(hk)
-        grads["head"] = grads["head"] + np.einsum("btv,btd->vd", dlogits, cache["on"])  # shared head
-        don = dlogits @ P["head"]
+        don, dhead = linear_backward(dlogits, cache["head"])
+        grads["head"] = grads["head"] + dhead         # the head is shared with the main model
         dhk_norm, grads[f"{pre}.norm"] = rmsnorm_backward(don, cache["norm"])
         dhk = dhk + dhk_norm                          # the next depth and this depth's head meet here
         # 3. forward: hk = Block(x)
         dx, g_blk = block_backward(dhk, cache["block"], pre, daux)
         grads.update(g_blk)
         # 2. forward: x = cat @ eh_proj.T
-        grads[f"{pre}.eh_proj"] = np.einsum("btd,btc->dc", dx, cache["cat"])
-        dcat = dx @ P[f"{pre}.eh_proj"]                                            # [B, T-k, 2D]
+        dcat, grads[f"{pre}.eh_proj"] = linear_backward(dx, cache["eh_proj"])      # [B, T-k, 2D]
         # 1. forward: en = enorm(Emb(t[k:])) ; hn = hnorm(h_prev[:, :T-k])
         de, grads[f"{pre}.enorm"] = rmsnorm_backward(dcat[..., :D], cache["enorm"])
         dh_part, grads[f"{pre}.hnorm"] = rmsnorm_backward(dcat[..., D:], cache["hnorm"])
@@ -382,18 +385,17 @@ class Model:
         cfg, P = self.config, self.params
         grads: Dict[str, np.ndarray] = {}
         # 3. forward: logits = hn @ head.T ; hn = norm(h)
-        grads["head"] = np.einsum("btv,btd->vd", dlogits, cache.head_in)
-        dhn = dlogits @ P["head"]                                                   # [B, T, D]
+        dhn, grads["head"] = linear_backward(dlogits, cache.head)                   # [B, T, D]
         dh, grads["norm"] = rmsnorm_backward(dhn, cache.final_norm)
         grads["embed"] = np.zeros_like(P["embed"])
         # 4. forward: MTP depths, each reading the previous depth's hidden state
         if cache.mtp:
-            dmtp_logits = dmtp_logits or [np.zeros(c["on"].shape[:2] + (cfg.vocab_size,),
+            dmtp_logits = dmtp_logits or [np.zeros(c["head"].x.shape[:2] + (cfg.vocab_size,),
                                                    dtype=dlogits.dtype) for c in cache.mtp]
             dh_next = None
             for k in range(len(cache.mtp), 0, -1):
                 c = cache.mtp[k - 1]
-                dhk = np.zeros_like(c["on"]) if dh_next is None else dh_next
+                dhk = np.zeros_like(c["head"].x) if dh_next is None else dh_next
                 dh_next = self._mtp_backward(k, dmtp_logits[k - 1], dhk, c, grads, daux)
             dh = dh + dh_next                     # the main stack's last hidden feeds MTP depth 1
         for k in range(cfg.n_mtp_modules):        # depths that did not run (T too short) get zeros

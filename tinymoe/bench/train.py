@@ -56,7 +56,7 @@ def worker(quick: bool) -> dict:
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, cfg.vocab_size, size=(B, T))
     targets = rng.integers(0, cfg.vocab_size, size=(B, T))
-    repeats = 2 if quick else 7
+    repeats = 2 if quick else 15
 
     def fwd():
         logits, _, _ = model.forward_train(tokens)

@@ -77,9 +77,8 @@ def sdpa_forward(q: np.ndarray, k: np.ndarray, v: np.ndarray, scale: float,
     if rep > 1:
         kh = np.repeat(kh, rep, axis=1)                              # [B, H, S, Dk]
         vh = np.repeat(vh, rep, axis=1)                              # [B, H, S, Dv]
-    # 2. scaled scores, future keys masked with -inf
-    s = qh @ kh.transpose(0, 1, 3, 2)                                # [B, H, T, S]
-    s *= scale
+    # 2. scaled scores, future keys masked with -inf (the scale is applied to the narrower q)
+    s = (qh * scale) @ kh.transpose(0, 1, 3, 2)                      # [B, H, T, S]
     if causal:
         s += np.where(causal_mask(T, S, q_offset), 0.0, -np.inf).astype(s.dtype)   # [T, S] broadcast
     # 3. attention weights
@@ -104,14 +103,13 @@ def sdpa_backward(do: np.ndarray, cache: SDPACache):
     dp = doh @ vh.transpose(0, 1, 3, 2)                              # [B, H, T, S]
     dvh = p.transpose(0, 1, 3, 2) @ doh                              # [B, H, S, Dv]
     # 3. forward: p = softmax(s)   (masked entries have p = 0, so they get ds = 0)
-    #    ds = p * (dp - rowsum(dp * p)) * scale, computed in dp's buffer (softmax_backward, fused)
+    #    ds = p * (dp - rowsum(dp * p)), computed in dp's buffer (softmax_backward, fused)
     ds = dp
-    ds -= np.sum(dp * p, axis=-1, keepdims=True)
-    ds *= p
-    ds *= scale                                                      # [B, H, T, S]
-    # 2. forward: s = q @ k^T * scale
-    dqh = ds @ kh                                                    # [B, H, T, Dk]
-    dkh = ds.transpose(0, 1, 3, 2) @ qh                              # [B, H, S, Dk]
+    ds -= np.einsum("bhts,bhts->bht", dp, p)[..., None]
+    ds *= p                                                          # [B, H, T, S]
+    # 2. forward: s = (q * scale) @ k^T
+    dqh = (ds @ kh) * scale                                          # [B, H, T, Dk]
+    dkh = (ds.transpose(0, 1, 3, 2) @ qh) * scale                    # [B, H, S, Dk]
     # 1. forward: repeat kv heads; heads first
     rep = H // Hkv
     dk = dkh.reshape(B, Hkv, rep, S, Dk).sum(axis=2).transpose(0, 2, 1, 3)            # [B, S, Hkv, Dk]
