@@ -354,7 +354,6 @@ class Model:
     def _mtp_backward(self, k: int, dlogits: np.ndarray, dhk: np.ndarray, cache: dict, grads: dict,
                       daux: float):
         """Reverse of _mtp_forward; returns d h_prev [B, T_prev, D] and adds into grads."""
-        P = self.params
         pre = f"mtp.{k - 1}"
         D = self.config.dim
         # 4. forward: logits = on @ head.T ; on = norm(hk)
