@@ -62,9 +62,9 @@ Q = L.quick
 TASK = grpo.AdditionTask(n_digits=1)
 CFG = ModelConfig.preset("toy", vocab_size=grpo.VOCAB_SIZE, n_layers=1, n_dense_layers=0,
                          max_seq_len=16)
-RL_STEPS = 4 if Q else 180             # headline runs (every seed)
+RL_STEPS = 4 if Q else 400             # headline runs (every seed)
 VAR_STEPS = 3 if Q else 70             # variant runs (first seed only)
-BASE = grpo.GRPOConfig.grpo(group_size=8, prompts_per_step=32, beta=0.04, lr=2e-3)
+BASE = grpo.GRPOConfig.grpo(group_size=8, prompts_per_step=32, beta=0.04, lr=3e-3)
 RUN = grpo.RunConfig(rl_steps=RL_STEPS, sft_steps=10 if Q else 60, sft_batch=64, sft_lr=3e-3,
                      sft_max_units=4, eval_split="warmstart", eval_every=2 if Q else 10,
                      log_every=0 if Q else 25)
@@ -293,6 +293,19 @@ L.save_routing(pos, {0: idx1}, indices_before_layer0=idx0, heldout=heldout_row.a
 
 # %% [markdown]
 # ## Claims (means over the seeds)
+#
+# Held-out greedy accuracy (the 50 problems with b >= 5) rises by >= 0.15 and the mean reward
+# (last 10 RL steps vs the step-0 batch) by >= 0.3, means over the seeds run; clip fraction 0 with
+# one update per batch, > 0 with mu = 2.
+#
+# Calibration (seeds 0..4, 400 RL steps at lr 3e-3): held-out accuracy 0.12 -> 0.80, 0.04 -> 0.44,
+# 0.24 -> 0.54, 0.04 -> 0.42, 0.04 -> 0.30 (gains 0.68 / 0.40 / 0.30 / 0.38 / 0.26); reward
+# 0.20 -> 0.69, 0.24 -> 0.64, 0.26 -> 0.61, 0.15 -> 0.50, 0.20 -> 0.57 (gains 0.49 / 0.40 / 0.35 /
+# 0.35 / 0.37). Means over the default seeds 0-2: accuracy gain 0.46, reward gain 0.41. An earlier
+# setting (180 steps, lr 2e-3) passed with a reward gain of only 0.35 (seed 1 alone 0.27), and 240
+# steps at lr 3e-3 left seeds 3 / 4 at gains 0.21 / 0.27: single RL runs are noisy (which problems
+# the sampler happens to get right first decides the early advantages), so the lesson trains
+# longer and claims means, not single seeds.
 
 # %%
 mean = lambda k: float(np.mean([sm[k] for sm in S]))           # noqa: E731
