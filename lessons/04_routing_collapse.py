@@ -37,13 +37,29 @@ Run:  python lessons/04_routing_collapse.py [--quick] [--seeds 3] [--out runs/04
 # * Data: `make_languages` (4 synthetic languages with private vocabularies + 4 shared punctuation
 #   tokens, second-order grammar, optimal loss ln 2 = 0.693).
 # * Model: 2 blocks (block 0 attention + dense FFN, block 1 attention + MoE), D = 32, 16 routed experts
-#   of width 16, top-1, **no shared expert** (a shared expert would carry the load and hide the
-#   routed experts' fate), softmax scores, `route_scale=1`, no balancing of any kind
-#   (`bias_update_speed = aux_loss_alpha = seq_aux_loss_alpha = 0`).
-# * Optimiser: AdamW, **lr 1e-2** (the library default is 3e-3), 1000 steps of 16 x 32 tokens.
-#   Calibration (seed 0, 800 steps): at lr 3e-3 the run is only half collapsed (MaxVio 2.2-2.8,
-#   3-4 experts under 5 % of their share over 3 seeds); a larger router init (init_std 0.1) did
-#   not help (2-4 dead). At lr 1e-2 early winners run away: 5-8 dead, MaxVio 2.6-5.2.
+#   **each as wide as the dense FFN (moe_inter_dim = inter_dim = 64)**, top-1, **no shared expert**
+#   (a shared expert would carry the load and hide the routed experts' fate), softmax scores,
+#   `route_scale=1`, no balancing of any kind (`bias_update_speed = aux_loss_alpha =
+#   seq_aux_loss_alpha = 0`).
+# * Optimiser: AdamW, **lr 1e-2** (the library default is 3e-3), **2000 steps** of 16 x 32 tokens.
+# * Calibration (worst of seeds 0-4, dead = held-out load < 5 % of the fair share; per-seed
+#   numbers in section 4):
+#
+#       setting                                        worst dead   worst MaxVio
+#       lr 3e-3, width 16, 800 steps (seed 0 only)     3-4          2.2-2.8
+#       lr 1e-2, width 16, 1000 steps (old setting)    4            1.70
+#         + router init x5 / lr 2e-2 / batch 32 /
+#           no weight decay / 2000 steps               3-4          1.6-2.9
+#       lr 1e-2, width 64, 1000 steps                  7            2.79   (seeds 5-14: 4 / 2.42)
+#       lr 1e-2, width 64, 2000 steps (this lesson)    8            3.09   (seeds 5-9:  6 / 1.94)
+#
+#   Why width helps: a width-16 expert is too small to model a whole language, so the loss
+#   itself pays for spreading tokens and keeps a long tail of small experts alive. A width-64
+#   expert can do the job of the dense FFN alone, so nothing but the early lead decides who
+#   gets the tokens: the pure rich-get-richer case. Longer training lets the starved experts'
+#   router logits keep sinking (each step that helps a token pushes every other logit down),
+#   so the small-but-alive tail dies. (Making the gated output larger with `route_scale = 16`
+#   did the opposite: 0-4 dead, because the experts then matter enough to be worth splitting.)
 # * Why not sigmoid scores (V3)?  With top-1 and V3's renormalisation `g = s_c / s_c = 1` the
 #   gate weight is the constant 1, so the language-model loss sends **no gradient** into the
 #   router at all (it only moves by the balance terms). Top-1 sigmoid routing is a degenerate
@@ -66,12 +82,12 @@ from tinymoe.train import TrainConfig, train
 L = Lesson("04_routing_collapse", __doc__, default_seeds=3)
 E, K = 16, 1
 DEAD_THRESHOLD = 0.05          # an expert is dead if its held-out load < 5 % of the fair share
-STEPS = 40 if L.quick else 1000
-PROBE_EVERY = 10 if L.quick else 20
+STEPS = 40 if L.quick else 2000
+PROBE_EVERY = 10 if L.quick else 40
 ds = make_languages(seq_len=32, seed=0, n_train=2048, n_val=128 if L.quick else 512)
 cfg = ModelConfig.preset(
     "toy", vocab_size=ds.vocab_size, n_layers=2, n_dense_layers=1, max_seq_len=32,
-    n_routed_experts=E, n_activated_experts=K, n_expert_groups=1, n_limited_groups=1,
+    moe_inter_dim=64, n_routed_experts=E, n_activated_experts=K, n_expert_groups=1, n_limited_groups=1,
     n_shared_experts=0, score_func="softmax", route_scale=1.0,
     bias_update_speed=0.0, aux_loss_alpha=0.0, seq_aux_loss_alpha=0.0, z_loss_alpha=0.0)
 MOE_LAYER = 1
@@ -109,7 +125,7 @@ L.claim("unchosen_router_row_grad", router_grad_unchosen, ">", 0.0, quick=True,
 
 # %% [markdown]
 # ## 2. Train without balancing and watch the load
-# `train()` prints a progress line every 100 steps (loss, tokens/s, MaxVio of the batch). The
+# `train()` prints a progress line every 250 steps (loss, tokens/s, MaxVio of the batch). The
 # callback probes a fixed held-out slice every few steps and records the load per expert and the
 # router entropy, so the figures show the collapse as it happens.
 
@@ -127,7 +143,7 @@ for seed in L.seeds:
         probe_entropy.append(A.routing_entropy(r[MOE_LAYER]["scores"], normalized=True))
 
     tcfg = TrainConfig(steps=STEPS, batch_size=16, lr=1e-2, warmup=10, eval_every=0,
-                       log_every=20 if L.quick else 100, seed=seed)
+                       log_every=20 if L.quick else 250, seed=seed)
     t0 = time.perf_counter()
     out = train(cfg, ds, tcfg, callback=probe, print_fn=lambda s, seed=seed: L.log(f"[seed {seed}] {s}"))
     secs = time.perf_counter() - t0
@@ -206,7 +222,7 @@ ax.set(xlabel="training step", ylabel="router entropy / ln E (1 = uniform scores
 ax.legend(fontsize=7)
 ax.grid(alpha=0.3)
 fig.suptitle("Routing collapse: 16 experts, top-1 softmax router, no load balancing", fontsize=12)
-fig.text(0.5, 0.01, "What to see: a few bands swallow the probe tokens and 5-6 experts end below "
+fig.text(0.5, 0.01, "What to see: 3-5 bands swallow the probe tokens and 8-11 experts end below "
          "5 % of their fair share (dead), although the softmax scores stay close to uniform.",
          ha="center", fontsize=9, style="italic")
 fig.tight_layout(rect=(0, 0.03, 1, 0.96))
@@ -218,17 +234,19 @@ A.plot_load_over_training(r0["probe_loads"], L.path("load_over_training.png"),
 
 # %% [markdown]
 # ## 4. Claims
-# Measured over seeds 0, 1, 2 (full mode, 1000 steps, 16384 held-out tokens): dead experts
-# 5 / 5 / 6 of 16 (3 / 4 / 0 with exactly zero load), MaxVio_global 3.30 / 1.97 / 2.48, held-out
-# loss 0.84 / 0.81 / 0.83 nats (optimum 0.69). The issue's thresholds (>= 4 dead, MaxVio > 1.5)
-# are asserted on the **worst** seed.
+# Measured over seeds 0-4 (full mode, 2000 steps, 16384 held-out tokens, `--seeds 5`):
+# dead experts 10 / 8 / 9 / 8 / 11 of 16 (6 / 2 / 6 / 4 / 6 with exactly zero load),
+# MaxVio_global 4.05 / 3.99 / 3.09 / 5.55 / 6.38, held-out loss 0.76-0.77 nats (optimum 0.69).
+# The issue's thresholds (>= 4 dead, MaxVio > 1.5) are asserted on the **worst** seed, so the
+# default 3 seeds pass with margin 8 vs 4 dead and 3.09 vs 1.5 MaxVio; over seeds 5-9 the worst
+# were 6 dead and MaxVio 1.94, still clear of the thresholds.
 #
 # What the figure teaches beyond the two numbers:
 # * The imbalance is there from step 1 (panel c): at init the router logits are tiny, but top-1
 #   takes the argmax, and the hidden states of different tokens are similar, so the same few
 #   experts win for many tokens. Without balancing nothing undoes that early lead; the winners get
-#   the gradient (section 1) and the lead is locked in by step ~500.
-# * The router entropy (panel d) falls only from 1.0 to ~0.87 of ln 16: collapse does not need a
+#   the gradient (section 1) and the lead is locked in by step ~750.
+# * The router entropy (panel d) falls only from 1.0 to ~0.85-0.91 of ln 16: collapse does not need a
 #   confident router. Top-1 routing follows small, systematic logit differences.
 # * Loss alone does not reveal the collapse: every seed still learns the grammar, the surviving
 #   experts just do all the work. Pair any routing claim with a load metric.
