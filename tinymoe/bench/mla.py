@@ -26,7 +26,9 @@ def _measure(quick: bool) -> dict:
     from tinymoe.accounting import kv_cache_elements_per_layer
     from tinymoe.config import ModelConfig
     from tinymoe.layers.mla import LatentKVCache, NaiveKVCache, init_mla_params, mla_decode
+    from tinymoe.memory import keep_freed_memory
 
+    keep_freed_memory()                                # as a Model does (tinymoe/memory.py)
     cfg = ModelConfig.preset("bench", max_seq_len=4096)
     dtype, B = np.float32, 1
     repeats = 5 if quick else 60

@@ -85,7 +85,9 @@ def run(quick: bool = False) -> list[str]:
     from tinymoe.kernels.moe import moe_combine, moe_combine_backward, moe_gather, moe_sort
     from tinymoe.layers.basic import swiglu_backward, swiglu_forward
     from tinymoe.layers.moe import init_moe_params, moe_backward, moe_forward
+    from tinymoe.memory import keep_freed_memory
 
+    keep_freed_memory()                                # as a Model does (tinymoe/memory.py)
     cfg = ModelConfig.preset("bench")
     B, T = 8, 128
     N, D, E, K = B * T, cfg.dim, cfg.n_routed_experts, cfg.n_activated_experts
