@@ -9,12 +9,10 @@ H (Dn + Dr + Dv). Each thread count runs in its own subprocess with OPENBLAS_NUM
 """
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
 from typing import List
+
+from tinymoe.bench._timing import run_with_threads
 
 CONTEXTS = (256, 1024, 4096)
 
@@ -66,24 +64,11 @@ def _measure(quick: bool) -> dict:
                       f"Dq={cfg.q_lora_rank}")}
 
 
-def _run_with_threads(threads: int, quick: bool) -> dict:
-    env = dict(os.environ, OPENBLAS_NUM_THREADS=str(threads), OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads))
-    code = ("import json, sys; from tinymoe.bench.mla import _measure; "
-            f"print(json.dumps(_measure({quick!r})))")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=False)
-    if out.returncode != 0:
-        raise RuntimeError(f"bench subprocess (OPENBLAS_NUM_THREADS={threads}) failed:\n"
-                           f"{out.stderr[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def run(quick: bool) -> List[str]:
     """Lines: per context, µs per decoded token (absorbed, naive), their ratio and cache bytes."""
     lines: List[str] = []
     for threads in ((1,) if quick else (1, 2)):
-        res = _run_with_threads(threads, quick)
+        res = run_with_threads(f"tinymoe.bench.mla._measure({quick!r})", threads)
         lines.append(f"MLA decode, one layer, bench attention shape ({res['shape']}), float32, "
                      f"batch 1, OPENBLAS_NUM_THREADS={threads}, median of {res['repeats']}")
         lines.append(f"cache per token per layer: latent {res['latent_per_token']} values, "

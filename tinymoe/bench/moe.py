@@ -11,32 +11,10 @@ Threads: whatever OPENBLAS_NUM_THREADS says (reported); __main__ may set it per 
 from __future__ import annotations
 
 import os
-import time
 
 import numpy as np
 
-
-def _median_time(fn, repeats: int) -> float:
-    fn()                                               # warm-up (numba compile, caches)
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
-
-
-def _interleaved(fns: dict, repeats: int) -> dict:
-    """Median seconds of each fn, timed round-robin so background load hits all of them alike."""
-    for fn in fns.values():
-        fn()                                           # warm-up (numba compile, caches)
-    ts = {k: [] for k in fns}
-    for _ in range(repeats):
-        for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            ts[k].append(time.perf_counter() - t0)
-    return {k: float(np.median(v)) for k, v in ts.items()}
+from tinymoe.bench._timing import interleaved_medians, median_seconds
 
 
 def _with_backend(which: str, fn):
@@ -105,7 +83,7 @@ def run(quick: bool = False) -> list[str]:
 
     old = os.environ.get("TINYMOE_BACKEND")
     try:
-        times = _interleaved({
+        times = interleaved_medians({
             "numba": _with_backend("numba", layer),
             "numpy": _with_backend("numpy", layer),
             "loop": _with_backend("numba", lambda: loop_moe_forward_backward(x, p, bias, cfg, dy)),
@@ -129,7 +107,7 @@ def run(quick: bool = False) -> list[str]:
                 moe_combine_backward(dy, c.ys, c.w_s, tok)
                 moe_combine(xs_, ones, pos, N, K)            # dispatch backward
 
-            dc[which] = _median_time(dispatch_combine, reps)
+            dc[which] = median_seconds(dispatch_combine, reps)
     finally:
         if old is None:
             os.environ.pop("TINYMOE_BACKEND", None)
@@ -145,7 +123,7 @@ def run(quick: bool = False) -> list[str]:
                                     p["experts.w3"][e])
             swiglu_backward(ye, ce)
 
-    t_exp = _median_time(experts, reps)
+    t_exp = median_seconds(experts, reps)
     ms = lambda s: f"{1e3 * s:8.2f} ms"               # noqa: E731
     threads = os.environ.get("OPENBLAS_NUM_THREADS", "unset")
     return [

@@ -12,24 +12,13 @@ AdamW) is scripts/bench_torch.py, run with an environment that has torch and tra
 """
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 
+from tinymoe.bench._timing import median_seconds, run_with_threads
+
 B, T = 8, 128
-
-
-def _median(fn, repeats: int) -> float:
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
 
 
 def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
@@ -38,7 +27,7 @@ def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
     a = rng.standard_normal((n, n)).astype(np.float32)
     b = rng.standard_normal((n, n)).astype(np.float32)
     a @ b
-    best = min(_median(lambda: a @ b, 1) for _ in range(repeats))
+    best = min(median_seconds(lambda: a @ b, 1, warmup=False) for _ in range(repeats))
     return 2 * n ** 3 / best
 
 
@@ -76,10 +65,10 @@ def worker(quick: bool) -> dict:
         model.update_router_biases(model.last_stats["loads"], cfg.bias_update_speed)
 
     full_step()                                          # warm-up: numba compile, allocations
-    t_fwd = _median(fwd, repeats)
-    t_fb = _median(fwd_bwd, repeats)
-    t_opt = _median(opt_step, repeats)
-    t_step = _median(full_step, repeats)
+    t_fwd = median_seconds(fwd, repeats, warmup=False)
+    t_fb = median_seconds(fwd_bwd, repeats, warmup=False)
+    t_opt = median_seconds(opt_step, repeats, warmup=False)
+    t_step = median_seconds(full_step, repeats, warmup=False)
     peak = matmul_peak(512 if quick else 1024)
     flops = flops_per_token(cfg, T).total * B * T
     return {"threads": os.environ.get("OPENBLAS_NUM_THREADS", "unset"),
@@ -93,13 +82,7 @@ def run(quick: bool) -> list:
     lines.append(f"{'threads':>7} {'tok/s':>9} {'step ms':>8} {'fwd ms':>8} {'bwd ms':>8} "
                  f"{'adam ms':>8} {'peak GF/s':>10} {'MFU':>6}")
     for threads in ("1", "2"):
-        env = dict(os.environ, OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads,
-                   MKL_NUM_THREADS=threads)
-        cmd = [sys.executable, "-c",
-               f"import json; from tinymoe.bench.train import worker; "
-               f"print(json.dumps(worker({quick})))"]
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = run_with_threads(f"tinymoe.bench.train.worker({quick})", int(threads))
         lines.append(f"{threads:>7} {r['tokens_per_s']:>9.0f} {1e3 * r['step_s']:>8.1f} "
                      f"{1e3 * r['forward_s']:>8.1f} {1e3 * r['backward_s']:>8.1f} "
                      f"{1e3 * r['optimizer_s']:>8.1f} {r['peak_flops'] / 1e9:>10.1f} "
