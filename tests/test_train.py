@@ -118,3 +118,35 @@ def test_cli_trains_saves_and_resumes(tmp_path):
     first = [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))]
     again = [json.loads(l)["loss"] for l in open(tmp_path / "again" / "log.jsonl")]
     assert again == first[2:]
+
+
+def test_resume_into_the_same_folder_rewrites_the_log_from_the_checkpoint(ds, tmp_path):
+    out = str(tmp_path / "run")
+    full = _run(ds, out)                                   # steps 1..6, checkpoints at 3 and 6
+    _run(ds, out, resume=str(tmp_path / "run" / "ckpt_step000003.npz"))
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]   # no duplicated steps 4..6
+    assert [r["loss"] for r in log] == _losses(full)
+
+
+def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path):
+    import signal
+    import time
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "tinymoe.train", "--steps", "100000", "--out",
+                          str(out), "--save-every", "2", "--batch-size", "2", "--seq-len", "8",
+                          "--log-every", "0", "--eval-every", "0"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(600):                               # wait for the first checkpoint
+            if out.exists() and any(n.startswith("ckpt_step") for n in os.listdir(out)):
+                break
+            time.sleep(0.1)
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=60)
+    finally:
+        p.kill()
+    assert p.returncode == 130
+    assert "interrupted; continue with --resume" in err and "Traceback" not in err
+    named = err.split("--resume ")[1].strip()
+    assert load_checkpoint(named).step >= 2

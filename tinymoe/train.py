@@ -98,6 +98,26 @@ def evaluate(model: Model, ds, batch_size: int, n_batches: int) -> dict:
     return out
 
 
+def _truncate_log(path: str, keep_through: int) -> None:
+    """Keep only the records with step <= keep_through (none for a fresh run), rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)["step"] <= keep_through]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(out_dir: str) -> Optional[str]:
+    """The checkpoint with the highest step in out_dir (ckpt_stepNNNNNN.npz), or None."""
+    if not out_dir or not os.path.isdir(out_dir):
+        return None
+    names = sorted(n for n in os.listdir(out_dir) if n.startswith("ckpt_step") and n.endswith(".npz"))
+    return os.path.join(out_dir, names[-1]) if names else None
+
+
 def _masked_targets(ds, split: str, start: int, targets: np.ndarray) -> np.ndarray:
     """Apply the data set's loss mask (if any) to held-out targets: masked positions -> -100."""
     mask = getattr(ds, f"loss_mask_{split}", None)
@@ -144,8 +164,8 @@ def train(model_cfg: ModelConfig, ds, tcfg: TrainConfig, out_dir: Optional[str] 
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         log_path = os.path.join(out_dir, "log.jsonl")
-        if not resume and os.path.exists(log_path):
-            os.remove(log_path)
+        _truncate_log(log_path, start)        # a fresh run starts empty; a resumed one drops
+                                              # the records after its checkpoint's step
     gamma = model.config.bias_update_speed
     history: List[dict] = []
     t_run = time.perf_counter()
@@ -259,6 +279,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError, TrainingError) as e:
         sys.stderr.write(f"tinymoe.train: error: {e}\n")
         return 1
+    except KeyboardInterrupt:
+        last = latest_checkpoint(args.out)
+        hint = f"; continue with --resume {last}" if last else " (no checkpoint written yet)"
+        sys.stderr.write(f"tinymoe.train: interrupted{hint}\n")
+        return 130
     return 0
 
 
