@@ -13,6 +13,9 @@ TOL = {
     "f32_rtol": 1e-5,        # float32 twin agreement, relative
     "f32_atol": 1e-6,        # float32 twin agreement, absolute
     "f32_vs_f64": 1e-4,      # a float32 forward against the float64 one (values of order 1)
+    "f64_roundoff": 1e-14,   # float64 closed forms that differ only by a few roundings
+    "f64_ulp": 1e-15,        # float64 scalars computed two ways from the same formula
+    "f32_cast": 1e-6,        # the same float64 numbers stored in float32 (one rounding, 6e-8)
 }
 
 

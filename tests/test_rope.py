@@ -33,8 +33,8 @@ def test_rope_matches_pairwise_rotation_loop(rng, tol):
                 for j in range(Dr // 2):
                     phi = pos[t] * 10000.0 ** (-2 * j / Dr)
                     a, c = x[b, t, h, 2 * j], x[b, t, h, 2 * j + 1]
-                    assert abs(y[b, t, h, 2 * j] - (a * math.cos(phi) - c * math.sin(phi))) < 1e-12
-                    assert abs(y[b, t, h, 2 * j + 1] - (a * math.sin(phi) + c * math.cos(phi))) < 1e-12
+                    assert abs(y[b, t, h, 2 * j] - (a * math.cos(phi) - c * math.sin(phi))) < tol["f64_close"]
+                    assert abs(y[b, t, h, 2 * j + 1] - (a * math.sin(phi) + c * math.cos(phi))) < tol["f64_close"]
 
 
 @pytest.mark.rope
@@ -47,7 +47,7 @@ def test_rope_position_zero_is_identity_and_norm_preserved(rng, tol):
                                rtol=tol["f64_close"])
     # and per pair: rotation keeps each 2-d pair's length
     np.testing.assert_allclose(y[..., 0::2] ** 2 + y[..., 1::2] ** 2,
-                               x[..., 0::2] ** 2 + x[..., 1::2] ** 2, rtol=1e-10, atol=1e-14)
+                               x[..., 0::2] ** 2 + x[..., 1::2] ** 2, rtol=tol["f64_exact"], atol=tol["f64_roundoff"])
 
 
 @pytest.mark.rope
@@ -60,7 +60,7 @@ def test_rope_dot_product_depends_only_on_offset(rng, tol):
 
     for offset in (0, 3, 11):
         dots = [rot(q, m + offset) @ rot(k, m) for m in (0, 5, 20, 40)]
-        np.testing.assert_allclose(dots, dots[0], rtol=0, atol=1e-12)
+        np.testing.assert_allclose(dots, dots[0], rtol=0, atol=tol["f64_close"])
     assert abs(rot(q, 3) @ rot(k, 0) - rot(q, 4) @ rot(k, 0)) > 1e-6   # but it does depend on it
 
 
