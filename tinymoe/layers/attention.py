@@ -253,7 +253,50 @@ def mha_backward(dy: np.ndarray, cache: MHACache):
     return dx, {"wq": dwq, "wk": dwk, "wv": dwv, "wo": dwo}
 
 
-class KVCache:
+class DecodeCache:
+    """Preallocated per-token arrays [B, max_seq_len, ...] of one attention layer, filled up to `length`.
+
+    A subclass names its two arrays in ARRAYS and gives their trailing shapes in `trailing(cfg)`.
+    `length` is the position of the next token; setting it back (the rollback of speculative
+    decoding) forgets the tokens after it, whose rows the next call overwrites.
+    """
+    ARRAYS: tuple = ()
+
+    def __init__(self, cfg, batch: int, dtype=np.float64):
+        if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
+            raise ValueError(f"batch: {batch!r} must be a positive integer")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise TypeError(f"dtype: {dtype} is not supported; use float32 or float64")
+        self.batch, self.dtype, self.max_seq_len = int(batch), dtype, cfg.max_seq_len
+        for name, tail in zip(self.ARRAYS, self.trailing(cfg)):
+            setattr(self, name, np.zeros((self.batch, cfg.max_seq_len) + tail, dtype=dtype))
+        self.length = 0
+
+    def trailing(self, cfg) -> tuple:
+        """The per-token shape of each array in ARRAYS, for this config."""
+        raise NotImplementedError
+
+    def reset(self) -> None:
+        """Forget every stored token (the arrays are reused)."""
+        self.length = 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the filled part (length tokens); the allocation is the arrays' nbytes."""
+        return sum(getattr(self, n)[:, :self.length].nbytes for n in self.ARRAYS)
+
+    def _shape_ok(self, cfg) -> bool:
+        """Whether this cache was built for cfg's shapes."""
+        return all(getattr(self, n).shape[2:] == t for n, t in zip(self.ARRAYS, self.trailing(cfg)))
+
+    def __repr__(self) -> str:
+        arrays = ", ".join(f"{n}={list(getattr(self, n).shape)}" for n in self.ARRAYS)
+        return (f"{type(self).__name__}(batch={self.batch}, length={self.length}/"
+                f"{self.max_seq_len}, {arrays}, dtype={self.dtype})")
+
+
+class KVCache(DecodeCache):
     """Inference cache of the baseline block: rotated keys and values of every kv head.
 
         k [B, max_seq_len, Hkv, Dn+Dr]   keys after RoPE (positions 0..length-1 are filled)
@@ -262,26 +305,11 @@ class KVCache:
 
     Per token and layer it holds Hkv*(Dn+Dr+Dv) numbers, against MLA's Dc+Dr (LatentKVCache).
     """
+    ARRAYS = ("k", "v")
 
-    def __init__(self, cfg, batch: int, dtype=np.float64):
-        if not isinstance(batch, (int, np.integer)) or batch <= 0:
-            raise ValueError(f"batch: {batch!r} must be a positive integer")
-        dtype = np.dtype(dtype)
-        if dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise TypeError(f"dtype: {dtype} is not supported; use float32 or float64")
+    def trailing(self, cfg) -> tuple:
         H, Hkv, Dn, Dr, Dv = _mha_dims(cfg)
-        self.batch, self.dtype, self.max_seq_len = int(batch), dtype, cfg.max_seq_len
-        self.k = np.zeros((batch, cfg.max_seq_len, Hkv, Dn + Dr), dtype=dtype)
-        self.v = np.zeros((batch, cfg.max_seq_len, Hkv, Dv), dtype=dtype)
-        self.length = 0
-
-    def reset(self) -> None:
-        """Forget every stored token (the arrays are reused)."""
-        self.length = 0
-
-    def __repr__(self) -> str:
-        return (f"KVCache(batch={self.batch}, length={self.length}/{self.max_seq_len}, "
-                f"k={list(self.k.shape)}, v={list(self.v.shape)}, dtype={self.dtype})")
+        return (Hkv, Dn + Dr), (Hkv, Dv)
 
 
 def mha_decode(x: np.ndarray, p: dict, cfg, cache: KVCache) -> np.ndarray:

@@ -50,7 +50,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from tinymoe.checks import check_float, check_same_dtype
-from tinymoe.layers.attention import SDPACache, causal_mask, sdpa_backward, sdpa_forward
+from tinymoe.layers.attention import (DecodeCache, SDPACache, causal_mask, sdpa_backward,
+                                      sdpa_forward)
 from tinymoe.layers.basic import LinearCache, linear_backward, linear_forward, softmax_forward
 from tinymoe.layers.norm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
 from tinymoe.layers.rope import rope_angles, rope_backward, rope_forward, softmax_scale
@@ -270,79 +271,30 @@ def mla_backward(dy: np.ndarray, cache: MLACache):
 # KV caches for decoding
 # ================================================================================================
 
-def _check_cache_args(cfg, batch, dtype):
-    if not isinstance(batch, (int, np.integer)) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch: {batch!r} must be a positive integer")
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"dtype: {dtype} is not supported; use float32 or float64")
-    return int(batch), dtype
-
-
-class LatentKVCache:
+class LatentKVCache(DecodeCache):
     """The compressed MLA cache of one layer: Dc + Dr values per token (V2 2.1.2).
 
     kv     [B, max_seq_len, Dc]   RMSNorm'd latent c_u (post kv_norm)
     pe     [B, max_seq_len, Dr]   rotated shared rope key k_pe[u] (post RoPE)
     length int                    tokens stored so far (positions 0..length-1)
     """
+    ARRAYS = ("kv", "pe")
 
-    def __init__(self, cfg, batch: int, dtype=np.float64):
-        self.batch, self.dtype = _check_cache_args(cfg, batch, dtype)
-        self.max_seq_len = cfg.max_seq_len
-        self.kv = np.zeros((self.batch, cfg.max_seq_len, cfg.kv_lora_rank), self.dtype)   # [B, L, Dc]
-        self.pe = np.zeros((self.batch, cfg.max_seq_len, cfg.qk_rope_head_dim), self.dtype)  # [B, L, Dr]
-        self.length = 0
-
-    def reset(self) -> None:
-        """Forget every stored token (the arrays are reused)."""
-        self.length = 0
-
-    def __repr__(self) -> str:
-        return (f"LatentKVCache(batch={self.batch}, length={self.length}/{self.max_seq_len}, "
-                f"kv={list(self.kv.shape)}, pe={list(self.pe.shape)}, dtype={self.dtype})")
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the filled part (length tokens); the allocation is kv.nbytes + pe.nbytes."""
-        return self.kv[:, :self.length].nbytes + self.pe[:, :self.length].nbytes
-
-    def _shape_ok(self, cfg) -> bool:
-        return self.kv.shape[2] == cfg.kv_lora_rank and self.pe.shape[2] == cfg.qk_rope_head_dim
+    def trailing(self, cfg) -> tuple:
+        return (cfg.kv_lora_rank,), (cfg.qk_rope_head_dim,)
 
 
-class NaiveKVCache:
+class NaiveKVCache(DecodeCache):
     """Full per-head keys and values of one layer, as a standard MHA cache (HF's DynamicCache).
 
     k      [B, max_seq_len, H, Dn+Dr]   per-head keys [W_UK c | k_pe] (rope part rotated)
     v      [B, max_seq_len, H, Dv]      per-head values W_UV c
     length int                          tokens stored so far
     """
+    ARRAYS = ("k", "v")
 
-    def __init__(self, cfg, batch: int, dtype=np.float64):
-        self.batch, self.dtype = _check_cache_args(cfg, batch, dtype)
-        self.max_seq_len = cfg.max_seq_len
-        H = cfg.n_heads
-        self.k = np.zeros((self.batch, cfg.max_seq_len, H, cfg.qk_head_dim), self.dtype)
-        self.v = np.zeros((self.batch, cfg.max_seq_len, H, cfg.v_head_dim), self.dtype)
-        self.length = 0
-
-    def reset(self) -> None:
-        """Forget every stored token (the arrays are reused)."""
-        self.length = 0
-
-    def __repr__(self) -> str:
-        return (f"NaiveKVCache(batch={self.batch}, length={self.length}/{self.max_seq_len}, "
-                f"k={list(self.k.shape)}, v={list(self.v.shape)}, dtype={self.dtype})")
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of the filled part (length tokens); the allocation is k.nbytes + v.nbytes."""
-        return self.k[:, :self.length].nbytes + self.v[:, :self.length].nbytes
-
-    def _shape_ok(self, cfg) -> bool:
-        return self.k.shape[2:] == (cfg.n_heads, cfg.qk_head_dim) and \
-            self.v.shape[2:] == (cfg.n_heads, cfg.v_head_dim)
+    def trailing(self, cfg) -> tuple:
+        return (cfg.n_heads, cfg.qk_head_dim), (cfg.n_heads, cfg.v_head_dim)
 
 
 def _check_decode(x, p, cfg, cache) -> tuple[int, int]:
