@@ -8,8 +8,8 @@ AdamW (Loshchilov & Hutter 2019), for each parameter p with gradient g at step t
 
 Weight decay is decoupled (applied to p, not added to g) and skipped for RMSNorm scales. The
 router's selection bias is not a parameter at all (it lives in `model.buffers`), so the optimizer
-never sees it; `tinymoe.train.train_step` applies the auxiliary-loss-free bias update after each
-step. DeepSeek-V3 trains with AdamW b1 = 0.9, b2 = 0.95, wd = 0.1 (V3 section 4.2).
+never sees it; the training loop (`tinymoe.train.train`) applies the auxiliary-loss-free bias
+update after each step. DeepSeek-V3 trains with AdamW b1 = 0.9, b2 = 0.95, wd = 0.1 (V3 section 4.2).
 """
 from __future__ import annotations
 
