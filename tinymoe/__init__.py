@@ -5,6 +5,7 @@ Importing this package does no work: no numba compilation, no file or network ac
 """
 from tinymoe.config import ModelConfig
 from tinymoe.gradcheck import gradcheck, gradcheck_scalar
+from tinymoe.model import Model
 
 __version__ = "0.1.0"
-__all__ = ["ModelConfig", "gradcheck", "gradcheck_scalar", "__version__"]
+__all__ = ["Model", "ModelConfig", "gradcheck", "gradcheck_scalar", "__version__"]
