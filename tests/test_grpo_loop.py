@@ -51,6 +51,10 @@ def test_resume_repeats_the_uninterrupted_run_bitwise(tmp_path):
             np.testing.assert_array_equal(full[which].params[k], resumed[which].params[k])
         for k in full[which].buffers:
             np.testing.assert_array_equal(full[which].buffers[k], resumed[which].buffers[k])
+    # resuming into the run's own folder rewrites its log from the checkpoint: no repeated steps
+    _run(str(tmp_path / "full"), resume=ckpt)
+    log = [json.loads(line) for line in open(tmp_path / "full" / "log.jsonl")]
+    assert [r["step"] for r in log] == [0, 1, 2, 3, 4]
     # a checkpoint without its reference file is refused, naming the missing file
     os.remove(ckpt[:-4] + ".ref.npz")
     with pytest.raises(FileNotFoundError, match="reference"):

@@ -68,7 +68,8 @@ class TrainConfig:
         return self
 
 
-def _first_nonfinite(loss: float, grads: Dict[str, np.ndarray]) -> Optional[str]:
+def first_nonfinite(loss: float, grads: Dict[str, np.ndarray]) -> Optional[str]:
+    """None if the loss and every gradient are finite, else "loss" or "gradient of 'name'"."""
     if not math.isfinite(loss):
         return "loss"
     for k in sorted(grads):
@@ -98,7 +99,7 @@ def evaluate(model: Model, ds, batch_size: int, n_batches: int) -> dict:
     return out
 
 
-def _truncate_log(path: str, keep_through: int) -> None:
+def truncate_log(path: str, keep_through: int) -> None:
     """Keep only the records with step <= keep_through (none for a fresh run), rewritten atomically."""
     if not os.path.exists(path):
         return
@@ -164,7 +165,7 @@ def train(model_cfg: ModelConfig, ds, tcfg: TrainConfig, out_dir: Optional[str] 
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
         log_path = os.path.join(out_dir, "log.jsonl")
-        _truncate_log(log_path, start)        # a fresh run starts empty; a resumed one drops
+        truncate_log(log_path, start)        # a fresh run starts empty; a resumed one drops
                                               # the records after its checkpoint's step
     gamma = model.config.bias_update_speed
     history: List[dict] = []
@@ -174,7 +175,7 @@ def train(model_cfg: ModelConfig, ds, tcfg: TrainConfig, out_dir: Optional[str] 
         t0 = time.perf_counter()
         tokens, targets, _ = get_batch(ds, "train", rng, tcfg.batch_size)
         loss, grads = model.loss_and_grads(tokens, targets)
-        bad = _first_nonfinite(loss, grads)
+        bad = first_nonfinite(loss, grads)
         if bad is not None:
             raise TrainingError(f"step {step}: non-finite {bad} (loss = {loss}); training stopped, "
                                 f"the last checkpoint written (if any) is untouched")

@@ -58,6 +58,7 @@ from tinymoe.grpo.objective import zero_variance_groups
 from tinymoe.grpo.tasks import response_mask
 from tinymoe.model import Model
 from tinymoe.optim import AdamW, clip_grad_norm
+from tinymoe.train import first_nonfinite, truncate_log
 
 EVAL_SPLITS = ("heldout", "warmstart")
 LOG_FIELDS = ("step", "reward", "train_acc", "heldout_acc", "kl", "clip_fraction", "zero_var",
@@ -142,8 +143,7 @@ def sft_subset(task, max_units: Optional[int]):
 
 def copy_model(model: Model) -> Model:
     """An independent copy (parameters and router biases), e.g. the frozen reference policy."""
-    return Model.from_params(model.config, {k: v.copy() for k, v in model.params.items()},
-                             {k: v.copy() for k, v in model.buffers.items()}, source="copy")
+    return Model.from_params(model.config, model.params, model.buffers, source="copy")  # copies
 
 
 def heldout_prompts(task, rcfg: RunConfig) -> np.ndarray:
@@ -195,8 +195,9 @@ def warm_start(model: Model, task, rcfg: RunConfig, rng: np.random.Generator,
         t0 = time.perf_counter()
         x, y = _tasks.sft_examples(task, rcfg.sft_batch, "train", rng, subset)
         loss, grads = model.loss_and_grads(x, y)
-        if not math.isfinite(loss):
-            raise GRPOTrainingError(f"warm start step {step}: non-finite loss {loss}")
+        bad = first_nonfinite(loss, grads)
+        if bad is not None:
+            raise GRPOTrainingError(f"warm start step {step}: non-finite {bad} (loss = {loss})")
         grads, gnorm = clip_grad_norm(grads, rcfg.grad_clip)
         opt.step(grads)
         model.update_router_biases(model.last_stats["loads"], model.config.bias_update_speed)
@@ -262,10 +263,10 @@ def rl_step(model: Model, ref_model: Model, opt: AdamW, task, gcfg: GRPOConfig, 
             dlogits[:, Tp - 1:] = grpo_loss_backward(cache)                        # prompt: no grad
             grads = model.backward(dlogits, fcache, daux=1.0)
             loss = loss + fcache.aux_loss
-            bad = [k for k in sorted(grads) if not np.all(np.isfinite(grads[k]))]
-            if not math.isfinite(loss) or bad:
-                raise GRPOTrainingError(f"non-finite {'loss' if bad == [] else 'gradient of ' + bad[0]}"
-                                        f" (loss = {loss}); RL stopped, the last checkpoint is untouched")
+            bad = first_nonfinite(loss, grads)
+            if bad is not None:
+                raise GRPOTrainingError(f"non-finite {bad} (loss = {loss}); RL stopped, the last "
+                                        f"checkpoint is untouched")
             grads, gnorm = clip_grad_norm(grads, rcfg.grad_clip)
             opt.step(grads, lr=gcfg.lr)
             loads = {k: c.load for k, c in fcache.moe_caches.items()}
@@ -385,8 +386,7 @@ def train_grpo(model_cfg: Optional[ModelConfig], task, gcfg: GRPOConfig, rcfg: R
     log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        if not resume and os.path.exists(log_path):
-            os.remove(log_path)
+        truncate_log(log_path, start)         # fresh: empty; resumed: records up to its step
     history: List[dict] = []
 
     def emit(rec):
