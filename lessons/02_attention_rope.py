@@ -450,7 +450,8 @@ L.metric("rope_norm_preservation_error", norm_err)
 L.claim("rope_offset_invariance_error", offset_err, "<", 1e-10, quick=True)
 L.claim("max_grad_rel_error", grad_err, "<", 1e-6, quick=True)
 rope_acc = min(results[s]["rope"]["train"]["acc"] for s in seeds)
-L.claim("rope_acc_train_len", rope_acc, ">", 0.95, note="worst seed")
+L.claim("rope_acc_train_len", rope_acc, ">", 0.95, quick=True,
+        note="worst seed (holds in --quick too: an optimizer or backward bug does not learn it)")
 L.claim("rope_minus_none_acc_train_len",
         min(results[s]["rope"]["train"]["acc"] - results[s]["none"]["train"]["acc"] for s in seeds),
         ">", 0.5, note="worst seed; no positions stays near chance 1/16")

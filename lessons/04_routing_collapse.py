@@ -262,6 +262,11 @@ L.metric("steps", STEPS)
 L.claim("dead_experts", min(per("dead")), ">=", 4,
         note="worst seed; dead = held-out load < 5% of the fair share")
 L.claim("maxvio_global", min(per("maxvio_global")), ">", 1.5, note="worst seed, held-out tokens")
+# quick-mode claim: 40 steps take the held-out loss far below ln V (a uniform guess); a broken
+# optimizer step or backward does not. (MaxVio is no quick claim: an untrained router already
+# shows 0.7-1.5 on these tokens, from token frequencies alone.)
+L.claim("val_ce_over_ln_v", max(per("val_ce")) / np.log(ds.vocab_size), "<", 0.6, quick=True,
+        note="worst seed, held-out cross-entropy / ln V")   # --quick, seeds 0-4: 0.41-0.42
 L.save_routing(lab_val.ravel(), {MOE_LAYER: runs[s0]["idx"]}, tokens=x_val.ravel(),
                seed=np.array(s0))
 L.finish()

@@ -260,7 +260,9 @@ ratio = [results[BIAS_NAME][s]["maxvio_global"] / results["none"][s]["maxvio_glo
 gap = [max(results["aux 0.01"][s]["nmi_given_token"], results["aux 0.1"][s]["nmi_given_token"])
        - results[BIAS_NAME][s]["nmi_given_token"] for s in L.seeds]
 L.claim("maxvio_global", max(bias_mv), "<", 0.15, note="bias run, worst seed")
-L.claim("maxvio_global_bias_over_none", max(ratio), "<", 0.2, note="bias / none, worst seed")
+L.claim("maxvio_global_bias_over_none", max(ratio), "<", 0.8 if L.quick else 0.2, quick=True,
+        note="bias / none, worst seed (--quick: a sign error in the bias update makes it > 1)")
+# (--quick, 30 steps, seeds 0-4: bias / none = 0.45, 0.32, 0.16, 0.26, 0.24)
 L.metric("nmi_gap_best_aux_minus_bias_per_seed", gap)
 L.claim("nmi_gap_best_aux_minus_bias", float(np.mean(gap)), "<=", 0.1,
         note="NMI|token: best aux run minus the bias run, mean over seeds")

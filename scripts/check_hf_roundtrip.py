@@ -10,7 +10,9 @@ final tinymoe checkpoint, writes a Hugging Face directory with save_pretrained, 
 transformers.AutoModelForCausalLM.from_pretrained (float32, eager attention) and compares, on
 held-out random tokens: logits (max abs), the experts chosen in every MoE layer, the mean next-token
 loss and every gradient (max |diff| / max |grad| per tensor, worst tensor reported). It also checks
-that transformers reported no missing / unexpected / mismatched keys and logged no warning.
+that transformers reported no missing / unexpected / mismatched keys and logged no warning, and
+that the directory loaded back into tinymoe gives, with to_hf_state_dict's DEFAULT layout (the
+file's, half-split for the rope_interleave=False run), the same gradients as transformers.
 Exit status 1 if a check fails. tinymoe runs here with TINYMOE_BACKEND=numpy (no numba needed).
 """
 from __future__ import annotations
@@ -23,6 +25,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 
 os.environ.setdefault("TINYMOE_BACKEND", "numpy")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +37,7 @@ import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from tinymoe.checkpoint import load_checkpoint, restore_model  # noqa: E402
-from tinymoe.hf import save_pretrained, to_hf_state_dict  # noqa: E402
+from tinymoe.hf import HFUnusedKeysWarning, load_pretrained, save_pretrained, to_hf_state_dict  # noqa: E402,E501
 
 RUNS = {
     # the toy preset, with the auxiliary-loss-free bias update on so the selection bias is nonzero
@@ -73,7 +76,7 @@ def fused_to_checkpoint(name, t, F):
 def check(name, spec, args, work) -> dict:
     out = os.path.join(work, name)
     cmd = [args.python, "-m", "tinymoe.train", "--preset", "toy", "--steps", str(args.steps),
-           "--seed", "0", "--out", out, "--log-every", "0", "--eval-every", "0"]
+           "--seed", "0", "--out", out, "--overwrite", "--log-every", "0", "--eval-every", "0"]
     for s in spec["sets"]:
         cmd += ["--set", s]
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -126,6 +129,14 @@ def check(name, spec, args, work) -> dict:
     for pname, p in ref.named_parameters():
         hf_grads.update(fused_to_checkpoint(pname, p.grad.detach().numpy(), F))
 
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HFUnusedKeysWarning)
+        back = load_pretrained(hf_dir)
+    _, grads_back = back.loss_and_grads(ids, targets)
+    g_back = to_hf_state_dict(back, grads_back)          # default layout: the file's own
+    back_rel = max(float(np.abs(g_back[k] - g).max() / max(float(np.abs(g).max()), 1e-30))
+                   for k, g in hf_grads.items())
+
     mism = sum(int((np.sort(routing[l]["indices"], -1) != hf_routing[l]).any(-1).sum())
                for l in routing)
     worst, worst_key = 0.0, None
@@ -141,10 +152,11 @@ def check(name, spec, args, work) -> dict:
          "logits_absmax": float(np.abs(logits).max()),
          "routing_mismatched_tokens": mism, "routing_tokens": int(ids.size) * len(routing),
          "loss_diff": abs(float(loss) - res.loss.item()), "grad_max_rel": worst,
-         "grad_worst_tensor": worst_key,
+         "grad_worst_tensor": worst_key, "reloaded_default_layout_grad_max_rel": back_rel,
          "grad_keys_match": set(ghf) == set(hf_grads)}
     r["ok"] = (not load_problems and not cap.records and r["logits_maxabs"] < 1e-4 and mism == 0
-               and r["loss_diff"] < 1e-5 and worst < 1e-4 and r["grad_keys_match"])
+               and r["loss_diff"] < 1e-5 and worst < 1e-4 and back_rel < 1e-4
+               and r["grad_keys_match"])
     return r
 
 

@@ -15,6 +15,13 @@ It does not import tinymoe: the references come from transformers alone. For eve
         transformers' labels=input_ids), routing.{l} [B*T, K] int64 chosen experts of MoE layer l
         (sorted per token, from transformers' own router), grad.{checkpoint name} float32 (torch
         autograd of the loss, per-expert names as in the file), and version strings.
+        mtp_logits.1 [B, T-1, V] float32 (case with an MTP layer only): the MTP layer's logits,
+        computed in torch with transformers' own modules as DeepSeek's serving engines read the
+        released weights (vLLM deepseek_mtp.py, DeepSeekMultiTokenPredictorLayer.forward):
+        eh_proj(cat([enorm(Emb(t_{i+1})), hnorm(h_i)])) (embedding FIRST), then the layer's decoder
+        block, shared_head.norm and lm_head; h_i = the last main layer's output before model.norm.
+        (transformers itself never runs MTP layers, and vLLM's position-0 mask is a serving detail
+        left out: position i sees token i+1, as in the V3 paper's eq. 21-22.)
 The references are computed from the checkpoint as transformers reloads it from disk (float32,
 eager attention), after checking that transformers reports no missing keys and no unexpected keys
 except the MTP layer that one case adds on purpose.
@@ -72,6 +79,11 @@ CASES = {
     # num_hidden_layers, num_nextn_predict_layers 1) that transformers ignores: tinymoe must report
     # its keys, or load them with mtp=True. 2 groups of 4 keeping 1.
     "bf16_mtp": dict(n_group=2, topk_group=1, bf16=True, mtp=True, seed=4),
+    # rope_interleave false with Dr = 8, where P = [0, 2, 4, 6, 1, 3, 5, 7] is NOT its own inverse
+    # (with Dr = 4 it is, so loading with P instead of P^-1 or writing gradients interleaved would
+    # pass noqlora_halfsplit); q_lora set so the rope rows of q_b_proj are the permuted ones.
+    "qlora_halfsplit_dr8": dict(rope_interleave=False, qk_rope_head_dim=8, n_group=2, topk_group=1,
+                                seed=5),
 }
 
 
@@ -187,6 +199,55 @@ def add_mtp_layer(path: str, cfg: DeepseekV3Config, g: torch.Generator) -> list:
     return sorted(added)
 
 
+@torch.no_grad()
+def mtp_reference(path: str, ref, ids: torch.Tensor, cfg: DeepseekV3Config) -> tuple:
+    """(MTP depth-1 logits [B, T-1, V], router margin) in the order the serving engines use.
+
+    The MTP layer's decoder block is loaded by transformers itself: the same directory read as a
+    model with num_hidden_layers + 1 layers (layer L = the MTP layer's block keys).
+    """
+    L = cfg.num_hidden_layers
+    big = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager",
+                                               num_hidden_layers=L + 1).eval()
+    sd = load_file(os.path.join(path, "model.safetensors"))
+    w = {k[len(f"model.layers.{L}."):]: v.float() for k, v in sd.items()
+         if k.startswith(f"model.layers.{L}.")}
+    captured = {}
+    hook = ref.model.layers[L - 1].register_forward_hook(
+        lambda m, i, o: captured.__setitem__("h", o[0] if isinstance(o, tuple) else o))
+    ref(input_ids=ids)
+    hook.remove()
+    h = captured["h"]                                                   # [B, T, D] before model.norm
+
+    def rms(x, weight):                                                 # DeepseekV3RMSNorm, float32
+        return weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps))
+
+    emb = ref.model.embed_tokens(ids[:, 1:])                            # Emb(t_{i+1}) [B, T-1, D]
+    cat = torch.cat([rms(emb, w["enorm.weight"]), rms(h[:, :-1], w["hnorm.weight"])], dim=-1)
+    x = cat @ w["eh_proj.weight"].T                                     # [B, T-1, D]
+    gate_in = {}
+    block = big.model.layers[L]
+    ghook = block.mlp.gate.register_forward_hook(lambda m, i, o: gate_in.__setitem__("x", i[0]))
+    big.model.layers = torch.nn.ModuleList([block])                     # run the MTP block alone
+    big.config.num_hidden_layers = 1
+    big.model.norm.weight.copy_(w["shared_head.norm.weight"])
+    out = big.model(inputs_embeds=x, use_cache=False).last_hidden_state  # shared_head.norm(Block(x))
+    ghook.remove()
+    logits = out @ w["shared_head.head.weight"].T
+    # selection margin of the MTP block's router (the same rule as router_check)
+    E, K, G, Gk = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group
+    u = gate_in["x"].reshape(-1, cfg.hidden_size).double()
+    sel = torch.sigmoid(u @ block.mlp.gate.weight.double().T) + block.mlp.gate.e_score_correction_bias.double()
+    gs = sel.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1).sort(dim=-1, descending=True)[0]
+    margin = float((gs[:, Gk - 1] - gs[:, Gk]).min()) if Gk < G else np.inf
+    keep = torch.zeros_like(gs).scatter_(
+        1, sel.view(-1, G, E // G).topk(2, dim=-1)[0].sum(-1).topk(Gk, dim=-1)[1], 1.0)
+    masked = sel.masked_fill(~keep.repeat_interleave(E // G, dim=1).bool(), float("-inf"))
+    srt = masked.sort(dim=-1, descending=True)[0]
+    margin = min(margin, float((srt[:, K - 1] - srt[:, K]).min()))
+    return logits.float(), margin
+
+
 def make_case(name: str, spec: dict, out: str) -> dict:
     spec = dict(spec)
     seed = spec.pop("seed")
@@ -270,20 +331,30 @@ def make_case(name: str, spec: dict, out: str) -> dict:
               "mtp_keys": np.array(added if added else [""])}
     arrays.update({f"routing.{l}": r.astype(np.int64) for l, r in routing.items()})
     arrays.update({f"grad.{k}": v.numpy().astype(np.float32) for k, v in grads.items()})
+    result = {"case": name, "margin": margin, "loss": float(res.loss),
+              "logit_absmax": float(res.logits.abs().max()), "mtp_keys": len(added)}
+    if added:
+        mtp_logits, mtp_margin = mtp_reference(path, ref, ids, cfg)
+        if mtp_margin < MARGIN:
+            raise RuntimeError(f"{name}: MTP router selection margin {mtp_margin:.3g} < {MARGIN}")
+        arrays["mtp_logits.1"] = mtp_logits.numpy().astype(np.float32)
+        result.update(mtp_margin=mtp_margin, mtp_logit_absmax=float(mtp_logits.abs().max()))
     np.savez_compressed(os.path.join(path, "reference.npz"), **arrays)
-    return {"case": name, "margin": margin, "loss": float(res.loss),
-            "logit_absmax": float(res.logits.abs().max()), "mtp_keys": len(added)}
+    return result
 
 
 def main() -> None:
     here = os.path.dirname(os.path.abspath(__file__))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.path.join(here, "..", "tests", "fixtures", "hf"))
+    ap.add_argument("--case", action="append", choices=sorted(CASES),
+                    help="regenerate only this case (repeatable; default: all)")
     args = ap.parse_args()
     torch.use_deterministic_algorithms(True)
     os.makedirs(args.out, exist_ok=True)
     for name, spec in CASES.items():
-        print(make_case(name, spec, args.out))
+        if args.case is None or name in args.case:
+            print(make_case(name, spec, args.out))
     total = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(args.out) for f in fs)
     print(f"fixtures: {total / 1e6:.2f} MB under {os.path.abspath(args.out)} "
           f"(transformers {transformers.__version__}, torch {torch.__version__})")

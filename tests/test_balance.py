@@ -170,3 +170,34 @@ def test_router_stats_of_a_moe_cache_reports_drops(rng):
     assert set(st) == {"load", "maxvio", "cv", "entropy", "dead", "dropped"}
     # capacity ceil(0.5 * 8 * 2 / 4) = 2: experts 0, 1 keep 2 each, 16 - 4 = 12 dropped
     assert st["load"].tolist() == [2, 2, 0, 0] and st["dropped"] == 12 and st["dead"] == 2
+
+
+@pytest.mark.balance
+def test_bias_update_moves_against_the_load_and_balances_a_model():
+    """V3 2.1.2 in a model, as training runs it (loads from loss_and_grads, then
+    update_router_biases): every expert above the mean load moves down by gamma, every one below
+    moves up, and a router pushed onto two experts (bias +0.5: every token picks them, MaxVio
+    = E/K - 1 = 3) is brought back to balance by the rule alone (no parameter changes). A flipped
+    sign in update_bias or in the model's call of it keeps MaxVio at 3."""
+    from tinymoe.model import Model
+    cfg = ModelConfig.preset("toy")
+    model = Model(cfg, seed=0)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, (4, 16))
+    names = sorted(model.buffers)
+    for n in names:
+        model.buffers[n][:2] += 0.5
+    gamma, history = 0.03, []
+    for _ in range(14):
+        model.loss_and_grads(tokens[:, :-1], tokens[:, 1:])
+        loads = model.last_stats["loads"]
+        history.append([maxvio(loads[n]) for n in names])
+        before = {n: model.buffers[n].astype(np.float64) for n in names}
+        model.update_router_biases(loads, gamma)
+        for n in names:
+            c = loads[n].astype(np.float64)
+            move = model.buffers[n] - before[n]                  # float32 buffers: ~1e-8 off
+            over, under = c > c.mean(), c < c.mean()
+            assert over.any() and np.allclose(move[over], -gamma, atol=1e-6), n
+            assert np.allclose(move[under], gamma, atol=1e-6), n
+    assert history[0] == [3.0] * len(names)
+    assert max(max(h) for h in history[-4:]) < 2.0, history      # measured: 0.93 .. 1.4

@@ -100,7 +100,13 @@ BAD = ([({n: 0}, n, "positive integer") for n in POSITIVE_INTS]
           ({"capacity_factor": 0.0}, "capacity_factor", "None \\(dropless\\) or a positive"),
           ({"capacity_factor": True}, "capacity_factor", "None \\(dropless\\) or a positive"),
           ({"attn_type": "gqa", "n_kv_heads": 3}, "n_kv_heads", "must divide n_heads = 4"),
-          ({"norm_topk_prob": 1}, "norm_topk_prob", "None, True or False")])
+          ({"norm_topk_prob": 1}, "norm_topk_prob", "None, True or False")]
+       # values past these overflow the forward into silent zeros (an inf mean square in RMSNorm)
+       + [({"route_scale": 1e38}, "route_scale", "must be <= 100"),
+          ({"init_std": 1e20}, "init_std", "must be <= 1"),
+          ({"norm_eps": 1e300}, "norm_eps", "must be <= 1"),
+          ({"latent_norm_eps": 2.0}, "latent_norm_eps", "must be <= 1"),
+          ({"bias_update_speed": 5.0}, "bias_update_speed", "must be <= 1")])
 
 
 @pytest.mark.config

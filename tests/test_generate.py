@@ -91,3 +91,24 @@ def test_generation_errors():
         generate_speculative(model, np.zeros(2, dtype=np.int64), 3)
     with pytest.raises(ValueError, match="token id"):
         generate(model, np.array([[99]]), 2)
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(max_new_tokens=2.5), "max_new_tokens = 2.5: must be an integer >= 0"),
+    (dict(max_new_tokens=True), "max_new_tokens = True: must be an integer"),
+    (dict(max_new_tokens=2, temperature=1.0, top_k=2.5), "top_k = 2.5: must be an integer >= 1"),
+    (dict(max_new_tokens=2, temperature=1.0, top_k=True), "top_k = True"),
+    (dict(max_new_tokens=2, temperature=float("nan")), "temperature = nan"),
+])
+def test_generation_refuses_non_integer_counts(kw, match):
+    with pytest.raises(ValueError, match=match):
+        generate(_model(), np.zeros((1, 2), dtype=np.int64), **kw)
+
+
+def test_speculative_and_empty_prompts_are_refused():
+    model = _model(n_mtp_modules=1)
+    with pytest.raises(ValueError, match="max_new_tokens = -3"):
+        generate_speculative(model, np.zeros(2, dtype=np.int64), -3)
+    for prompt in (np.zeros((0, 2), dtype=np.int64), np.zeros((1, 0), dtype=np.int64)):
+        with pytest.raises(ValueError, match="prompt_tokens: expected a non-empty"):
+            generate(model, prompt, 2)

@@ -6,7 +6,10 @@ scripts/make_hf_fixtures.py; this file never imports torch or transformers. Case
     qlora_groups       q_lora set, 4 groups keep 2, norm_topk_prob true, rms_norm_eps 1e-5
     noqlora_halfsplit  q_lora null, rope_interleave false, norm_topk_prob false, K 3, 2 dense layers
     yarn_legacy        YaRN in rope_theta + rope_scaling form, mscale = mscale_all_dim = 0.707, Dr 8
-    bf16_mtp           bfloat16 file, one MTP layer (num_nextn_predict_layers 1)
+    bf16_mtp           bfloat16 file, one MTP layer (num_nextn_predict_layers 1); its reference also
+                       holds the MTP layer's logits in the serving engines' order (test_mtp_order.py)
+    qlora_halfsplit_dr8  rope_interleave false with Dr 8, where the half-split permutation is not
+                       its own inverse (with Dr 4 it is: noqlora_halfsplit cannot tell P from P^-1)
 Every case has a nonzero selection bias (both signs) that changes some token's experts.
 """
 from __future__ import annotations
@@ -14,7 +17,9 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import resource
 import shutil
+import signal
 import struct
 import warnings
 
@@ -29,7 +34,7 @@ from tinymoe.hf import (HFUnusedKeysWarning, config_from_hf, config_to_hf,  # no
                         rope_half_split_perm, save_pretrained, to_hf_state_dict)
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-CASES = ["qlora_groups", "noqlora_halfsplit", "yarn_legacy", "bf16_mtp"]
+CASES = ["qlora_groups", "noqlora_halfsplit", "yarn_legacy", "bf16_mtp", "qlora_halfsplit_dr8"]
 
 # Tolerances of the issue, against transformers' float32 run (values of order 1):
 LOGITS_ATOL = 1e-4      # max |logits - HF logits|
@@ -106,7 +111,10 @@ def _rewrite_tensors(path, edit):
 @pytest.mark.hf
 @pytest.mark.parametrize("case", CASES)
 def test_parity_with_transformers(case):
-    """Logits, chosen experts, loss and every gradient equal transformers' on the fixture."""
+    """Logits, chosen experts, loss and every gradient equal transformers' on the fixture.
+
+    The gradients are mapped with to_hf_state_dict's default layout, which must be the file's
+    (README snippet): on a half-split file with Dr 8 the interleaved layout is 100 % off."""
     ref = _ref(case)
     model, rep = _load(case)
     assert model.dtype == np.float32
@@ -121,7 +129,7 @@ def test_parity_with_transformers(case):
         assert bad.size == 0, f"layer {l}: tokens {bad.tolist()} routed differently"
     loss, grads = model.loss_and_grads(ids, _targets(ids))
     assert abs(loss - float(ref["loss"])) < LOSS_ATOL
-    g = to_hf_state_dict(model, grads, rope_interleave=rep.rope_interleave)
+    g = to_hf_state_dict(model, grads)
     names = {k[len("grad."):] for k in ref.files if k.startswith("grad.")}
     assert set(g) == names
     for k in sorted(names):
@@ -234,10 +242,11 @@ def test_rope_half_split_permutation_is_transformers_rule(rng, tol):
 @pytest.mark.hf
 @pytest.mark.parametrize("case", CASES)
 def test_save_reproduces_the_file(case, tmp_path):
-    """load -> save writes the same tensors (bf16 now as float32) and the same layout flag."""
+    """load -> save (default arguments) writes the same tensors (bf16 now as float32) in the
+    file's own layout, and the same layout flag."""
     model, rep = _load(case, mtp=(case == "bf16_mtp"))
     src, _, _ = read_safetensors(os.path.join(FIXTURES, case))
-    save_pretrained(model, tmp_path / "out", rope_interleave=rep.rope_interleave)
+    save_pretrained(model, tmp_path / "out")
     out, dtypes, _ = read_safetensors(str(tmp_path / "out"))
     assert set(dtypes) == {"F32"}
     assert set(out) == set(src)
@@ -406,3 +415,214 @@ def test_from_hf_state_dict_reports_unknown_keys():
     params, buffers, unused = from_hf_state_dict(cfg, sd)
     assert unused == ["model.rotary_emb.inv_freq"]
     assert len(buffers) == cfg.n_layers - cfg.n_dense_layers
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 13: config.json validated (never coerced), index files, half-split layout round trip,
+# atomic and error-checked save
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.hf
+@pytest.mark.parametrize("changes, match", [
+    ({"norm_topk_prob": "false"}, r"norm_topk_prob = 'false': must be true or false"),
+    ({"rope_interleave": "false"}, r"rope_interleave = 'false': must be true or false"),
+    ({"norm_topk_prob": None}, r"norm_topk_prob = None: must be true or false"),
+    ({"num_experts_per_tok": True}, r"num_experts_per_tok = True: must be an integer >= 1 "
+                                    r"\(a JSON boolean is not a number\)"),
+    ({"n_routed_experts": 2.9}, r"n_routed_experts = 2.9: must be an integer >= 1 "
+                                r"\(no fractional part\)"),
+    ({"n_group": 0}, r"n_group = 0: must be an integer >= 1"),
+    ({"topk_group": 0}, r"topk_group = 0: must be an integer >= 1"),
+    ({"hidden_size": "16"}, r"hidden_size = '16': must be an integer >= 1"),
+    ({"q_lora_rank": 0}, r"q_lora_rank = 0: must be an integer >= 1 or null"),
+    ({"first_k_dense_replace": -1}, r"first_k_dense_replace = -1: must be an integer >= 0"),
+    ({"routed_scaling_factor": "2.5"}, r"routed_scaling_factor = '2.5': must be a positive"),
+    ({"rms_norm_eps": 0}, r"rms_norm_eps = 0: must be a positive finite number"),
+    ({"max_position_embeddings": "a lot"}, r"max_position_embeddings = 'a lot': must be an int"),
+    ({"rope_parameters": "yarn"}, r"rope_parameters = 'yarn': must be an object"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e4"}},
+     r"rope_parameters\.rope_theta = '1e4': must be a positive finite number"),
+])
+def test_config_values_are_validated_not_coerced(tmp_path, changes, match):
+    """Each bad value: one line naming config.json, the key, the value and the rule."""
+    path = _copy_case("qlora_groups", tmp_path)
+    _edit_config(path, **changes)
+    with pytest.raises(ValueError, match=r"config\.json: " + match) as e:
+        load_pretrained(path)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.hf
+def test_integral_floats_are_accepted_and_n_group_keeps_its_meaning(tmp_path):
+    """8.0 experts is 8 (nothing lost); n_group = 1 means no group limit, while the file's 4
+    groups keep 2 (the parity test checks those logits against transformers)."""
+    path = _copy_case("qlora_groups", tmp_path)
+    _edit_config(path, n_routed_experts=8.0, num_experts_per_tok=2.0)
+    m, _ = _load_dir(path)
+    assert (m.config.n_routed_experts, m.config.n_activated_experts) == (8, 2)
+    assert (m.config.n_expert_groups, m.config.n_limited_groups) == (4, 2)
+
+
+def _load_dir(path, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", HFUnusedKeysWarning)
+        return load_pretrained(path, return_report=True, **kw)
+
+
+def _shard(path, split_at="model.layers.1."):
+    """Rewrite `path` as two shards + model.safetensors.index.json; returns the weight map."""
+    sd, _, _ = read_safetensors(str(path))
+    os.remove(path / "model.safetensors")
+    first = {k: v for k, v in sd.items() if not k.startswith(split_at)}
+    second = {k: v for k, v in sd.items() if k.startswith(split_at)}
+    names = ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
+    for fn, part in zip(names, (first, second)):
+        _write_safetensors(path / fn, {k: _f32(v) for k, v in part.items()})
+    wm = {**{k: names[0] for k in first}, **{k: names[1] for k in second}}
+    with open(path / "model.safetensors.index.json", "w") as f:
+        json.dump({"metadata": {}, "weight_map": wm}, f)
+    return wm
+
+
+@pytest.mark.hf
+def test_sharded_checkpoint_and_bad_index_files(tmp_path):
+    path = _copy_case("qlora_groups", tmp_path)
+    ref, _ = _load("qlora_groups")
+    wm = _shard(path)
+    m, _ = _load_dir(path)
+    for k, v in ref.params.items():
+        assert np.array_equal(m.params[k], v), k
+    index = path / "model.safetensors.index.json"
+    good = index.read_text()
+    key = "model.layers.1.mlp.gate.weight"
+    bad = [("{not json", r"index\.json: not valid JSON"),
+           (json.dumps({"weight_map": []}), r"index\.json: needs a non-empty 'weight_map' object"),
+           (json.dumps({"weight_map": dict(wm, **{key: "model-00003.safetensors"})}),
+            rf"index\.json: weight_map\['{key}'\] names shard 'model-00003.safetensors', which is "
+            rf"not a file"),
+           (json.dumps({"weight_map": dict(wm, **{key: "../model.safetensors"})}),
+            r"must be a plain file name"),
+           (json.dumps({"weight_map": dict(wm, **{"model.extra.weight": wm[key]})}),
+            r"index\.json: weight_map lists 1 tensor\(s\) that no shard holds, first "
+            r"'model.extra.weight'"),
+           (json.dumps({"weight_map": dict(wm, **{key: "model-00001-of-00002.safetensors"})}),
+            rf"00002\.safetensors: holds tensor '{key}', which .*index\.json places in "
+            rf"'model-00001-of-00002\.safetensors'")]
+    for text, match in bad:
+        index.write_text(text)
+        with pytest.raises(ValueError, match=match) as e:
+            load_pretrained(path)
+        assert "\n" not in str(e.value)
+    index.write_text(good)
+    assert _load_dir(path)[0].config == ref.config
+
+
+@pytest.mark.hf
+def test_half_split_dr8_rows_are_the_inverse_permutation_on_load(tol):
+    """File row j <- interleaved row 2j, row Dr/2 + j <- row 2j + 1 (Dr = 8: P != P^-1)."""
+    model, rep = _load("qlora_halfsplit_dr8")
+    assert rep.rope_interleave is False and model.config.qk_rope_head_dim == 8
+    cfg = model.config
+    src, _, _ = read_safetensors(os.path.join(FIXTURES, "qlora_halfsplit_dr8"))
+    dn, dr, h = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.qk_rope_head_dim // 2
+    wq = model.params["layers.0.attn.wq_b"].reshape(cfg.n_heads, cfg.qk_head_dim, -1)
+    fq = src["model.layers.0.self_attn.q_b_proj.weight"].reshape(wq.shape)
+    kv = model.params["layers.0.attn.wkv_a"]
+    fkv = src["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"]
+    c = cfg.kv_lora_rank
+    for j in range(h):
+        assert np.array_equal(fq[:, dn + j], wq[:, dn + 2 * j])
+        assert np.array_equal(fq[:, dn + h + j], wq[:, dn + 2 * j + 1])
+        assert np.array_equal(fkv[c + j], kv[c + 2 * j])
+        assert np.array_equal(fkv[c + h + j], kv[c + 2 * j + 1])
+    assert np.array_equal(fkv[:c], kv[:c]) and dr == 2 * h
+    # an explicit layout still wins over the remembered one
+    sd = to_hf_state_dict(model, rope_interleave=True)
+    assert np.array_equal(sd["model.layers.0.self_attn.kv_a_proj_with_mqa.weight"], kv)
+    with pytest.raises(ValueError, match=r"rope_interleave = 'false': must be True, False or None"):
+        to_hf_state_dict(model, rope_interleave="false")
+
+
+def _same_model(a, b):
+    return a.config == b.config and all(np.array_equal(a.params[k], v) for k, v in b.params.items())
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("exchange", [True, False], ids=["rename-exchange", "two-renames"])
+def test_save_is_atomic_whichever_step_fails(tmp_path, monkeypatch, exchange):
+    """Fail the k-th rename of a save over an existing export, for every k: the folder then
+    loads completely as the old model or the new one (never new weights with the old config),
+    the error names the folder, a user's file in it survives, and no temporary file or folder is
+    left. Both ways of swapping: one rename exchange (Linux), or two renames where there is none."""
+    import tinymoe.hf as hf
+    old_model, _ = _load("qlora_groups")
+    new_model, _ = _load("noqlora_halfsplit")
+    out = tmp_path / "export"
+    save_pretrained(old_model, out)
+    (out / "tokenizer.json").write_text("{}")
+    real = {"rename": os.rename, "replace": os.replace,
+            "_exchange": getattr(hf, "_exchange", None) if exchange else (lambda a, b: False)}
+    for k in range(1, 10):
+        calls = []
+
+        def failing(name):
+            def f(*a, **kw):
+                if name == "_exchange" and not exchange:
+                    return False                       # no exchange on this "system"
+                calls.append(name)
+                if len(calls) == k:
+                    raise OSError(5, "Input/output error (injected)")
+                return real[name](*a, **kw)
+            return f
+        monkeypatch.setattr(os, "rename", failing("rename"))
+        monkeypatch.setattr(os, "replace", failing("replace"))
+        if real["_exchange"] is not None and hasattr(hf, "_exchange"):
+            monkeypatch.setattr(hf, "_exchange", failing("_exchange"))
+        try:
+            save_pretrained(new_model, out)
+            failed = None
+        except OSError as e:
+            failed = e
+        monkeypatch.undo()
+        got, _ = _load_dir(out)          # a mixed pair fails here (new weights, old config)
+        assert _same_model(got, new_model if failed is None else old_model), k
+        assert (out / "tokenizer.json").read_text() == "{}"
+        assert sorted(os.listdir(tmp_path)) == ["export"], os.listdir(tmp_path)
+        names = set(os.listdir(out))
+        assert names == {"config.json", "model.safetensors", "tokenizer.json"}, names
+        if failed is None:
+            break
+        assert str(out) in str(failed) and "\n" not in str(failed)
+    assert failed is None and k == (2 if exchange else 3)
+
+
+@pytest.mark.hf
+def test_full_disk_gives_one_line_error_and_leaves_nothing(tmp_path):
+    """A write that the OS refuses (EFBIG from RLIMIT_FSIZE, the same failed write() as ENOSPC on
+    a full disk): OSError naming the folder, no partial export, the old export intact."""
+    model, _ = _load("qlora_groups")
+    other, _ = _load("noqlora_halfsplit")
+    out = tmp_path / "export"
+    save_pretrained(other, out)
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    new = tmp_path / "new"
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    errors = []
+    try:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16384, hard))   # config fits, weights do not
+        for target in (new, out):
+            try:
+                save_pretrained(model, target)
+            except Exception as e:       # noqa: BLE001 - the type is what is checked
+                errors.append(e)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert len(errors) == 2
+    for e, target in zip(errors, (new, out)):
+        assert type(e) is OSError, repr(e)
+        assert str(target) in str(e) and "\n" not in str(e) and "is unchanged" in str(e)
+    assert not new.exists()
+    assert sorted(os.listdir(tmp_path)) == ["export"]
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == before

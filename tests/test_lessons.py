@@ -36,3 +36,17 @@ def test_lesson_quick(script, tmp_path):
         assert "labels" in z.files and layers
         for k in layers:
             assert z[k].shape[0] == z["labels"].shape[0] and z[k].ndim == 2
+
+
+def test_lesson_in_a_notebook_ignores_the_kernels_argv(tmp_path, monkeypatch):
+    """Jupyter runs cells with sys.argv = [ipykernel_launcher, -f, kernel.json]; a lesson opened
+    as a notebook must run with its defaults instead of failing on the kernel's flags."""
+    import types
+    from tinymoe.lesson import Lesson
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["ipykernel_launcher.py", "-f", "/tmp/kernel-1.json"])
+    with pytest.raises(SystemExit):                  # a plain script still rejects unknown flags
+        Lesson("99_probe", "probe")
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    L = Lesson("99_probe", "probe")
+    assert (L.quick, L.seeds, L.out) == (False, [0], os.path.join("runs", "99_probe"))

@@ -23,10 +23,10 @@ def ds():
     return load_dataset("languages", seq_len=12, seed=0)
 
 
-def _run(ds, tmp=None, steps=6, resume=None, seed=0, **kw):
+def _run(ds, tmp=None, steps=6, resume=None, seed=0, overwrite=False, **kw):
     tcfg = TrainConfig(steps=steps, batch_size=4, lr=1e-2, warmup=2, eval_every=3, eval_batches=1,
                        log_every=0, save_every=3, seed=seed, **kw)
-    return train(CFG, ds, tcfg, out_dir=tmp, resume=resume, print_fn=None)
+    return train(CFG, ds, tcfg, out_dir=tmp, resume=resume, print_fn=None, overwrite=overwrite)
 
 
 def _losses(out):
@@ -133,10 +133,18 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path):
     import signal
     import time
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "tinymoe.train", "--steps", "100000", "--out",
-                          str(out), "--save-every", "2", "--batch-size", "2", "--seq-len", "8",
-                          "--log-every", "0", "--eval-every", "0"],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A background job of a non-interactive shell starts with SIGINT ignored, and an ignored
+    # disposition survives exec: simulate that launch, and give the child the default
+    # disposition it relies on (Python then turns SIGINT into KeyboardInterrupt).
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        p = subprocess.Popen([sys.executable, "-m", "tinymoe.train", "--steps", "100000", "--out",
+                              str(out), "--save-every", "2", "--batch-size", "2", "--seq-len", "8",
+                              "--log-every", "0", "--eval-every", "0"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         for _ in range(600):                               # wait for the first checkpoint
             if out.exists() and any(n.startswith("ckpt_step") for n in os.listdir(out)):
@@ -150,3 +158,119 @@ def test_ctrl_c_names_the_checkpoint_to_resume_from(tmp_path):
     assert "interrupted; continue with --resume" in err and "Traceback" not in err
     named = err.split("--resume ")[1].strip()
     assert load_checkpoint(named).step >= 2
+
+
+# ---- nothing silent, nothing lost ------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value,rule", [
+    ("lr", float("inf"), "finite number > 0"), ("lr", float("nan"), "finite number > 0"),
+    ("grad_clip", -1.0, "None \\(off\\) or a finite number > 0"), ("grad_clip", 0.0, "> 0"),
+    ("min_lr_ratio", -0.5, "in \\[0, 1\\]"), ("min_lr_ratio", 1.5, "in \\[0, 1\\]"),
+    ("betas", (1.0, 0.9), "two numbers in \\[0, 1\\)"), ("seed", -1, "integer >= 0"),
+    ("steps", 2.5, "integer >= 1"), ("batch_size", True, "integer >= 1"),
+    ("weight_decay", float("inf"), "finite number >= 0")])
+def test_train_config_refuses_values_that_train_something_else(field, value, rule):
+    with pytest.raises(ValueError, match=rf"TrainConfig\.{field} = .*{rule}"):
+        TrainConfig(**{field: value}).validate()
+
+
+def test_a_nonfinite_update_stops_before_it_is_saved(ds, tmp_path, monkeypatch):
+    from tinymoe.optim import AdamW
+    real = AdamW.step
+
+    def poisoned(self, grads, lr=None):
+        real(self, grads, lr)
+        if self.t == 2:                           # the second update overflows one weight
+            self.params["layers.0.attn.wkv_b"][0, 0] = np.inf
+
+    monkeypatch.setattr(AdamW, "step", poisoned)
+    tcfg = TrainConfig(steps=4, batch_size=2, warmup=0, log_every=0, save_every=1, eval_every=0)
+    with pytest.raises(TrainingError, match=r"step 2: the update made parameter "
+                                            r"'layers\.0\.attn\.wkv_b' non-finite \(lr = "):
+        train(CFG, ds, tcfg, out_dir=str(tmp_path), print_fn=None)
+    assert sorted(n for n in os.listdir(tmp_path) if n.endswith(".npz")) == ["ckpt_step000001.npz"]
+    assert load_checkpoint(str(tmp_path / "ckpt_step000001.npz")).step == 1   # finite: it loads
+
+
+def test_an_overflowing_forward_is_an_error_not_zeros(ds):
+    from tinymoe.model import Model
+    model = Model(CFG, seed=0)
+    params = dict(model.params, embed=model.params["embed"] * np.float32(1e21))   # finite, |x|^2 not
+    big = Model.from_params(CFG, params, model.buffers)
+    tcfg = TrainConfig(steps=2, batch_size=2, log_every=0, eval_every=0)
+    with np.errstate(over="ignore"), pytest.raises(
+            TrainingError, match=r"step 1: rmsnorm_forward: .* overflows float32"):
+        train(CFG, ds, tcfg, model=big, print_fn=None)
+
+
+def test_a_used_out_folder_is_refused_unless_overwritten(ds, tmp_path):
+    out = str(tmp_path / "run")
+    first = _run(ds, out, steps=3)
+    with pytest.raises(ValueError, match=r"--out .*run: folder is not empty \(ckpt_step000003\.npz, "
+                                         r"log\.jsonl\).*--resume.*--overwrite"):
+        _run(ds, out, steps=3, seed=1)
+    assert [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))] == _losses(first)
+    # resuming from a copy elsewhere into this folder would mix two runs as well
+    elsewhere = str(tmp_path / "elsewhere.npz")
+    with open(os.path.join(out, "ckpt_step000003.npz"), "rb") as f, open(elsewhere, "wb") as g:
+        g.write(f.read())
+    with pytest.raises(ValueError, match="folder is not empty.*checkpoint's own folder"):
+        _run(ds, out, steps=6, resume=elsewhere)
+    second = _run(ds, out, steps=2, seed=1, overwrite=True)
+    assert sorted(os.listdir(out)) == ["ckpt_step000002.npz", "log.jsonl"]
+    assert [json.loads(l)["loss"] for l in open(os.path.join(out, "log.jsonl"))] == _losses(second)
+
+
+def test_ctrl_c_names_this_runs_last_checkpoint(ds, tmp_path):
+    from tinymoe.train import TrainingInterrupted
+
+    def stop(step, model, rec):
+        if step == 3:
+            raise KeyboardInterrupt
+    tcfg = TrainConfig(steps=6, batch_size=2, log_every=0, save_every=2, eval_every=0)
+    with pytest.raises(TrainingInterrupted) as e:
+        train(CFG, ds, tcfg, out_dir=str(tmp_path / "a"), callback=stop, print_fn=None)
+    ckpt = str(tmp_path / "a" / "ckpt_step000002.npz")
+    assert e.value.checkpoint == ckpt
+    tcfg.steps = 8
+    with pytest.raises(TrainingInterrupted) as e:       # stopped before its first save at step 4:
+        train(CFG, ds, tcfg, out_dir=str(tmp_path / "b"), resume=ckpt, callback=stop,
+              print_fn=None)                             # the file it resumed from
+    assert e.value.checkpoint == ckpt
+
+
+def test_resume_refuses_settings_that_differ_from_the_checkpoint(ds, tmp_path):
+    _run(ds, str(tmp_path / "run"), steps=3)
+    ckpt = str(tmp_path / "run" / "ckpt_step000003.npz")
+    with pytest.raises(ValueError, match=r"TrainConfig\.lr = 0\.02 conflicts with 0\.01 saved in "
+                                         r"checkpoint .*ckpt_step000003\.npz"):
+        train(CFG, ds, TrainConfig(steps=6, batch_size=4, lr=0.02, warmup=2), resume=ckpt,
+              print_fn=None)
+    with pytest.raises(ValueError, match=r"ModelConfig\.n_mtp_modules = 0 conflicts with 1"):
+        train(CFG.replace(n_mtp_modules=0), ds, TrainConfig(steps=6, batch_size=4, lr=1e-2,
+                                                             warmup=2), resume=ckpt, print_fn=None)
+    with pytest.raises(ValueError, match=r"TrainConfig\.steps = 3: must be > the step 3"):
+        _run(ds, steps=3, resume=ckpt)
+
+
+def test_cli_resume_takes_every_setting_from_the_checkpoint(tmp_path, capsys):
+    from tinymoe.train import main
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    assert main(["--steps", "4", "--lr", "0.01", "--batch-size", "3", "--warmup", "1",
+                 "--seq-len", "12", "--set", "n_layers=2", "--save-every", "2", "--log-every", "0",
+                 "--out", a]) == 0
+    ckpt = os.path.join(a, "ckpt_step000002.npz")
+    assert main(["--resume", ckpt, "--out", b, "--log-every", "0"]) == 0    # no flag repeated
+    full = [json.loads(l)["loss"] for l in open(os.path.join(a, "log.jsonl"))]
+    resumed = [json.loads(l)["loss"] for l in open(os.path.join(b, "log.jsonl"))]
+    assert resumed == full[2:]
+    capsys.readouterr()
+    for flags, said in ((["--lr", "0.003"], "--lr 0.003 conflicts with 0.01"),
+                        (["--batch-size", "16"], "--batch-size 16 conflicts with 3"),
+                        (["--seq-len", "32"], "--seq-len 32 conflicts with 12"),
+                        (["--set", "n_layers=3"], "--set n_layers = 3 conflicts with 2"),
+                        (["--data", "tasks"], "--data 'tasks' conflicts with 'languages'"),
+                        (["--steps", "1"], "--steps 1: must be > the step 2")):
+        assert main(["--resume", ckpt, "--out", str(tmp_path / "c"), *flags]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and said in err[0], (flags, err)

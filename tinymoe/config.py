@@ -29,6 +29,17 @@ def _is_number(v: Any) -> bool:
     """A finite int or float, and not a bool (True would otherwise pass as 1)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
+# Values past these are not a model but an overflow: the forward would turn them into silent
+# zeros or infs (an inf mean square makes RMSNorm's scale 0), so validate() refuses them.
+UPPER_BOUNDS = {
+    "norm_eps": (1.0, "eps only guards mean(x^2) against 0; a large eps zeroes the normalised rows"),
+    "latent_norm_eps": (1.0, "eps only guards mean(x^2) against 0; a large eps zeroes the "
+                             "normalised rows"),
+    "init_std": (1.0, "the std of the initial weights; larger ones overflow the activations"),
+    "route_scale": (100.0, "a multiplier on gate weights in [0, 1]; V3 uses 2.5, V2 16"),
+    "bias_update_speed": (1.0, "gamma moves biases compared with affinities in [0, 1]; V3 uses 0.001"),
+}
+
 
 @dataclass
 class ModelConfig:
@@ -142,6 +153,9 @@ class ModelConfig:
             v = getattr(self, name)
             if not _is_number(v) or v < 0:
                 fail(name, "must be a non-negative finite number")
+        for name, (most, why) in UPPER_BOUNDS.items():
+            if getattr(self, name) > most:
+                fail(name, f"must be <= {most:g} ({why})")
         for name in ("beta_fast", "beta_slow"):
             if not _is_number(getattr(self, name)) or getattr(self, name) <= 0:
                 fail(name, "must be a positive finite number (YaRN ramp bound, in rotations)")

@@ -326,6 +326,8 @@ def load_text(path, seq_len: int, val_fraction: float = 0.1, seed: int = 0) -> T
     if not isinstance(val_fraction, (int, float)) or not 0.0 < float(val_fraction) < 1.0:
         raise ValueError(f"val_fraction: expected a number in (0, 1), got {val_fraction!r}")
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"path: {path!r} is a folder; text:PATH needs one UTF-8 text file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"path: text file {path!r} does not exist")
     try:

@@ -46,6 +46,26 @@ class InferenceState:
             c.length -= n
 
 
+def _check_count(name: str, value, minimum: int) -> int:
+    """An int (not a bool, not 2.5) >= minimum; returns it as a Python int."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} = {value!r}: must be an integer >= {minimum}")
+    return int(value)
+
+
+def _check_prompt(prompt_tokens) -> tuple:
+    """prompt [T0] or [B, T0] integer tokens -> ([B, T0] int64, squeeze); B, T0 >= 1."""
+    prompt = np.asarray(prompt_tokens)
+    if not np.issubdtype(prompt.dtype, np.integer):
+        raise TypeError(f"prompt_tokens: dtype {prompt.dtype} is not an integer dtype")
+    squeeze = prompt.ndim == 1
+    prompt = prompt[None, :] if squeeze else prompt
+    if prompt.ndim != 2 or 0 in prompt.shape:
+        raise ValueError(f"prompt_tokens: expected a non-empty [T0] or [B, T0] array, got shape "
+                         f"{list(np.shape(prompt_tokens))}")
+    return prompt.astype(np.int64), squeeze
+
+
 def _inference_cfg(model: Model):
     # Generation is dropless (V3 2.1.2, "No Token-Dropping"), whatever the training capacity.
     cfg = model.config
@@ -117,17 +137,15 @@ def generate(model: Model, prompt_tokens, max_new_tokens: int, temperature: floa
     [B, max_new_tokens]: log p(token) of each generated token under the model's own distribution
     (temperature 1, no top-k), which is what GRPO's ratio needs.
     """
-    prompt = np.asarray(prompt_tokens)
-    squeeze = prompt.ndim == 1
-    prompt = prompt[None, :] if squeeze else prompt
-    if not np.issubdtype(prompt.dtype, np.integer):
-        raise TypeError(f"prompt_tokens: dtype {prompt.dtype} is not an integer dtype")
-    if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
-    if not temperature >= 0:
-        raise ValueError(f"temperature = {temperature}: must be >= 0")
-    if top_k is not None and not 1 <= top_k <= model.config.vocab_size:
-        raise ValueError(f"top_k = {top_k}: must be in [1, vocab_size={model.config.vocab_size}]")
+    prompt, squeeze = _check_prompt(prompt_tokens)
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float, np.floating)) \
+            or not 0 <= temperature < np.inf:
+        raise ValueError(f"temperature = {temperature!r}: must be a finite number >= 0")
+    if top_k is not None:
+        top_k = _check_count("top_k", top_k, 1)
+        if top_k > model.config.vocab_size:
+            raise ValueError(f"top_k = {top_k}: must be in [1, vocab_size={model.config.vocab_size}]")
     total = prompt.shape[1] + max_new_tokens
     if total > model.config.max_seq_len:
         raise ValueError(f"prompt length {prompt.shape[1]} + max_new_tokens {max_new_tokens} = "
@@ -193,9 +211,8 @@ def generate_speculative(model: Model, prompt_tokens, max_new_tokens: int):
     """
     if model.config.n_mtp_modules < 1:
         raise ValueError("model.config.n_mtp_modules = 0: speculative decoding needs an MTP module")
-    prompt = np.asarray(prompt_tokens, dtype=np.int64)
-    squeeze = prompt.ndim == 1
-    prompt = prompt[None, :] if squeeze else prompt
+    prompt, squeeze = _check_prompt(prompt_tokens)
+    max_new_tokens = _check_count("max_new_tokens", max_new_tokens, 0)
     if prompt.shape[0] != 1:
         raise ValueError(f"prompt_tokens: batch {prompt.shape[0]}; speculative decoding takes one "
                          f"sequence")

@@ -43,9 +43,13 @@ which is right only for weights whose rope rows were stored in the permuted orde
 P = [0, 2, 4, ..., Dr-2, 1, 3, ..., Dr-1] (reference/deepseek.md 4.3): the last Dr rows of each
 query head of q_b_proj / q_proj and the last Dr rows of kv_a_proj_with_mqa. Loading such a file
 undoes P (row 2j <- row j, row 2j+1 <- row Dr/2 + j) and saving with rope_interleave=False applies
-it, so the math inside tinymoe has one convention.
+it, so the math inside tinymoe has one convention. A loaded model remembers its file's layout
+(`model.hf_rope_interleave`); to_hf_state_dict and save_pretrained use it unless told otherwise,
+so gradients and saved weights come out in the layout the model was loaded from.
 
-Config (reference/deepseek.md section 1): hidden_size -> dim, intermediate_size -> inter_dim,
+Config (reference/deepseek.md section 1). Every value is type-checked, never coerced ("false" is
+not a boolean, true is not a count, 2.9 is not 2, n_group 0 is not 1): a bad value is a one-line
+ValueError naming config.json, the key, the value and the rule. hidden_size -> dim, intermediate_size -> inter_dim,
 moe_intermediate_size -> moe_inter_dim, num_hidden_layers -> n_layers, first_k_dense_replace ->
 n_dense_layers, n_group / topk_group -> n_expert_groups / n_limited_groups, num_experts_per_tok
 -> n_activated_experts, routed_scaling_factor -> route_scale, norm_topk_prob -> norm_topk_prob,
@@ -63,15 +67,19 @@ refused. Plain RoPE: max_seq_len = original_seq_len = max_position_embeddings (Y
 """
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import re
+import shutil
+import tempfile
 import warnings
 from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from tinymoe.atomic import fsync_dir
 from tinymoe.config import ModelConfig
 
 __all__ = ["load_pretrained", "save_pretrained", "to_hf_state_dict", "from_hf_state_dict",
@@ -81,6 +89,7 @@ __all__ = ["load_pretrained", "save_pretrained", "to_hf_state_dict", "from_hf_st
 HF_MODEL_TYPE = "deepseek_v3"
 HF_ARCH = "DeepseekV3ForCausalLM"
 HF_LATENT_NORM_EPS = 1e-6        # transformers' q_a_layernorm / kv_a_layernorm eps (fixed)
+HF_LAYOUT_ATTR = "hf_rope_interleave"   # set on a loaded model: its file's RoPE row layout
 
 # DeepseekV3Config defaults (transformers v5), used for keys a config.json leaves out.
 HF_DEFAULTS = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
@@ -92,6 +101,9 @@ HF_DEFAULTS = dict(vocab_size=129280, hidden_size=7168, intermediate_size=18432,
                    norm_topk_prob=True, hidden_act="silu", max_position_embeddings=4096,
                    initializer_range=0.02, rms_norm_eps=1e-6, tie_word_embeddings=False,
                    rope_interleave=True, attention_bias=False, num_nextn_predict_layers=0)
+
+
+_MISSING = object()
 
 
 class HFUnusedKeysWarning(UserWarning):
@@ -124,48 +136,115 @@ def _yarn_mscale(scale: float, mscale: float) -> float:
     return 0.1 * mscale * math.log(scale) + 1.0 if scale > 1 else 1.0
 
 
+class _Keys:
+    """Typed reads of one JSON object (config.json or a nested rope dict); a bad value is a
+    one-line ValueError naming the file, the key, the value and the rule. Nothing is coerced:
+    "false" is not False, true is not 1, 2.9 is not 2 (2.0 is accepted as 2)."""
+
+    def __init__(self, d: dict, src: str, where: str = ""):
+        self.d, self.src, self.where = d, src, where
+
+    def fail(self, key: str, rule: str):
+        raise ValueError(f"{self.src}: {self.where}{key} = {self.d.get(key)!r}: {rule}")
+
+    def int(self, key: str, default=None, minimum: int = 1, null=_MISSING, note: str = ""):
+        """An integer >= minimum; `default` when absent; `null` (if given) when JSON null."""
+        if key not in self.d:
+            return default
+        v = self.d[key]
+        if v is None and null is not _MISSING:
+            return null
+        rule = f"must be an integer >= {minimum}" + (" or null" if null is not _MISSING else "") + note
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            self.fail(key, rule + (" (a JSON boolean is not a number)" if isinstance(v, bool) else ""))
+        if isinstance(v, float) and not (math.isfinite(v) and v.is_integer()):
+            self.fail(key, rule + " (no fractional part)")
+        if v < minimum:
+            self.fail(key, rule)
+        return int(v)
+
+    def float(self, key: str, default=None, positive: bool = True, null=_MISSING):
+        """A finite number (> 0 if positive); `default` when absent; `null` when JSON null."""
+        if key not in self.d:
+            return default
+        v = self.d[key]
+        if v is None and null is not _MISSING:
+            return null
+        rule = ("must be a positive finite number" if positive else "must be a finite number") + \
+            (" or null" if null is not _MISSING else "")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                or (positive and v <= 0):
+            self.fail(key, rule)
+        return float(v)
+
+    def bool(self, key: str, default: bool) -> bool:
+        """JSON true or false (a string such as "false" is refused, it would read as True)."""
+        if key not in self.d:
+            return default
+        v = self.d[key]
+        if not isinstance(v, bool):
+            self.fail(key, "must be true or false (a JSON boolean)")
+        return v
+
+    def str(self, key: str, default: str) -> str:
+        v = self.d.get(key, default)
+        if not isinstance(v, str):
+            self.fail(key, "must be a string")
+        return v
+
+
 def _rope_from_hf(hf: dict, src: str) -> dict:
     """ModelConfig RoPE fields (max_seq_len, original_seq_len, rope_theta, YaRN) from an HF config."""
-    max_pos = int(hf.get("max_position_embeddings") or HF_DEFAULTS["max_position_embeddings"])
+    top = _Keys(hf, src)
+    max_pos = top.int("max_position_embeddings", HF_DEFAULTS["max_position_embeddings"])
     rp, rs = hf.get("rope_parameters"), hf.get("rope_scaling")
+    for key, v in (("rope_parameters", rp), ("rope_scaling", rs)):
+        if v is not None and not isinstance(v, dict):
+            top.fail(key, "must be an object (or null)")
     if rp:
         params, where = dict(rp), "rope_parameters"
     elif rs:
         params, where = dict(rs), "rope_scaling"
     else:
         params, where = {}, "rope_parameters"
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if theta is None:
-        theta = 10000.0
-    rtype = params.get("rope_type", params.get("type", "default"))
-    if params.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(f"{src}: {where}.partial_rotary_factor = {params['partial_rotary_factor']!r}: "
-                         f"DeepSeek rotates all qk_rope_head_dim values (must be 1.0)")
-    out = dict(rope_theta=float(theta))
+    rk = _Keys(params, src, where + ".")
+    if "rope_theta" in params:
+        theta = rk.float("rope_theta")
+    else:
+        theta = top.float("rope_theta", 10000.0)
+    rtype = rk.str("rope_type", rk.str("type", "default"))
+    if rk.float("partial_rotary_factor", 1.0) != 1.0:
+        rk.fail("partial_rotary_factor", "DeepSeek rotates all qk_rope_head_dim values (must be 1.0)")
+    out = dict(rope_theta=theta)
     if rtype == "default":
         # YaRN off in tinymoe: max_seq_len must not exceed original_seq_len.
         out.update(max_seq_len=max_pos, original_seq_len=max_pos)
         return out
     if rtype != "yarn":
-        raise ValueError(f"{src}: {where}.rope_type = {rtype!r} is not supported "
-                         f"(DeepSeek-V3 uses 'default' or 'yarn')")
-    orig = params.get("original_max_position_embeddings", hf.get("original_max_position_embeddings"))
+        rk.fail("rope_type" if "rope_type" in params else "type",
+                "not supported (DeepSeek-V3 uses 'default' or 'yarn')")
+    if "original_max_position_embeddings" in params:
+        orig = rk.int("original_max_position_embeddings")
+    else:
+        orig = top.int("original_max_position_embeddings")
     if orig is None:
         raise ValueError(f"{src}: {where}.original_max_position_embeddings is missing for YaRN")
-    orig = int(orig)
-    factor = params.get("factor") or max_pos / orig
+    # transformers reads factor, beta_fast, beta_slow with `or` (null or 0 -> its default)
+    factor = rk.float("factor", None, positive=False, null=None) or max_pos / orig
     if not factor > 1:
-        raise ValueError(f"{src}: {where}.factor = {factor!r}: YaRN needs a factor > 1")
+        rk.fail("factor", "YaRN needs a factor > 1")
     if max_pos <= orig:
         raise ValueError(
             f"{src}: max_position_embeddings = {max_pos} <= {where}.original_max_position_embeddings"
             f" = {orig}: YaRN must extend the context (tinymoe turns YaRN on iff "
             f"max_seq_len > original_seq_len, DeepSeek's rule)")
     if params.get("truncate", True) is not True:
-        raise ValueError(f"{src}: {where}.truncate = {params['truncate']!r}: only the truncated "
-                         f"(floor/ceil) YaRN ramp of DeepSeek is supported")
-    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
-    att = params.get("attention_factor")
+        rk.fail("truncate", "only the truncated (floor/ceil) YaRN ramp of DeepSeek is supported")
+    beta_fast = rk.float("beta_fast", None, positive=False, null=None) or 32
+    beta_slow = rk.float("beta_slow", None, positive=False, null=None) or 1
+    mscale = rk.float("mscale", None, positive=False, null=None)
+    mscale_all = rk.float("mscale_all_dim", None, positive=False, null=None)
+    att = rk.float("attention_factor", None, null=None)
     if att is None:      # transformers' rule for the cos/sin amplitude
         att = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all)
                if mscale and mscale_all else _yarn_mscale(factor, 1.0))
@@ -175,55 +254,58 @@ def _rope_from_hf(hf: dict, src: str) -> dict:
             f" = {params.get('attention_factor')!r} make transformers scale cos/sin by {att:.6g}; "
             f"DeepSeek (and tinymoe) have no such factor: set mscale == mscale_all_dim")
     out.update(max_seq_len=max_pos, original_seq_len=orig, rope_factor=float(factor),
-               beta_fast=params.get("beta_fast") or 32, beta_slow=params.get("beta_slow") or 1,
-               mscale=float(mscale_all or 0.0))
+               beta_fast=beta_fast, beta_slow=beta_slow, mscale=float(mscale_all or 0.0))
     return out
 
 
 def config_from_hf(hf: dict, mtp=False, source: str = "config.json") -> ModelConfig:
     """An HF DeepSeek-V3 config dict -> ModelConfig (validated). ValueError names the bad key.
 
-    mtp: False (default, like transformers: MTP layers are not loaded), True (as many MTP modules as
-    num_nextn_predict_layers) or an int. Training-only tinymoe fields saved by save_pretrained under
-    the "tinymoe" key are restored; the fields that define the math come from the HF keys.
+    Every value is type-checked, never coerced (a string "false", a boolean where a count belongs,
+    2.9 experts, n_group 0 are each refused with the key, the value and the rule); a key left out
+    takes transformers' default. mtp: False (default, like transformers: MTP layers are not
+    loaded), True (as many MTP modules as num_nextn_predict_layers) or an int. Training-only
+    tinymoe fields saved by save_pretrained under the "tinymoe" key are restored; the fields that
+    define the math come from the HF keys.
     """
     src = source
+    if not isinstance(hf, dict):
+        raise ValueError(f"{src}: must hold a JSON object, got {type(hf).__name__}")
+    k = _Keys(hf, src)
     mt = hf.get("model_type")
     if mt != HF_MODEL_TYPE:
-        raise ValueError(f"{src}: model_type = {mt!r}: only {HF_MODEL_TYPE!r} checkpoints are supported")
+        k.fail("model_type", f"only {HF_MODEL_TYPE!r} checkpoints are supported")
+    if k.str("scoring_func", "sigmoid") != "sigmoid":
+        k.fail("scoring_func", "DeepSeek-V3 routing is 'sigmoid'")
+    if k.str("topk_method", "noaux_tc") != "noaux_tc":
+        k.fail("topk_method", "DeepSeek-V3 routing is 'noaux_tc'")
+    if k.str("hidden_act", "silu") != "silu":
+        k.fail("hidden_act", "must be 'silu'")
+    if k.bool("attention_bias", False):
+        k.fail("attention_bias", "DeepSeek linears have no bias (must be false)")
+    if k.bool("tie_word_embeddings", False):
+        k.fail("tie_word_embeddings", "tinymoe keeps a separate output head (must be false)")
+    k.bool("rope_interleave", True)
+    if k.int("moe_layer_freq", 1) != 1:
+        k.fail("moe_layer_freq", "every layer after first_k_dense_replace must be MoE (1)")
 
-    def g(key):                      # the value, or transformers' default when absent / null
-        v = hf.get(key)
-        return HF_DEFAULTS[key] if v is None else v
+    def count(key, minimum=1, **kw):     # an integer, transformers' default when absent
+        return k.int(key, HF_DEFAULTS[key], minimum, **kw)
 
-    sf = hf.get("scoring_func", "sigmoid")
-    if sf != "sigmoid":
-        raise ValueError(f"{src}: scoring_func = {sf!r}: DeepSeek-V3 routing is 'sigmoid'")
-    tm = hf.get("topk_method", "noaux_tc")
-    if tm != "noaux_tc":
-        raise ValueError(f"{src}: topk_method = {tm!r}: DeepSeek-V3 routing is 'noaux_tc'")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ValueError(f"{src}: hidden_act = {hf['hidden_act']!r}: must be 'silu'")
-    if hf.get("attention_bias", False):
-        raise ValueError(f"{src}: attention_bias = true: DeepSeek linears have no bias")
-    if hf.get("tie_word_embeddings", False):
-        raise ValueError(f"{src}: tie_word_embeddings = true: tinymoe keeps a separate output head")
-    if hf.get("moe_layer_freq", 1) != 1:
-        raise ValueError(f"{src}: moe_layer_freq = {hf['moe_layer_freq']!r}: every layer after "
-                         f"first_k_dense_replace must be MoE (1)")
-    H = int(g("num_attention_heads"))
-    kvh = hf.get("num_key_value_heads")
-    if kvh is not None and int(kvh) != H:
-        raise ValueError(f"{src}: num_key_value_heads = {kvh!r}: must equal num_attention_heads = {H}")
-    n_layers = int(g("num_hidden_layers"))
-    q_lora = hf.get("q_lora_rank", HF_DEFAULTS["q_lora_rank"])
-    ntp = hf.get("norm_topk_prob", True)
-    n_mtp_file = int(hf.get("num_nextn_predict_layers", hf.get("num_mtp_layers", 0)) or 0)
+    H = count("num_attention_heads")
+    kvh = k.int("num_key_value_heads", None, null=None)
+    if kvh is not None and kvh != H:
+        k.fail("num_key_value_heads", f"must equal num_attention_heads = {H}")
+    n_layers = count("num_hidden_layers")
+    n_mtp_file = count("num_nextn_predict_layers", 0, null=0) if "num_nextn_predict_layers" in hf \
+        else k.int("num_mtp_layers", 0, 0, null=0)
     if mtp is True:
         n_mtp = n_mtp_file
     elif mtp is False or mtp is None:
         n_mtp = 0
     else:
+        if isinstance(mtp, bool) or not isinstance(mtp, (int, np.integer)) or mtp < 0:
+            raise ValueError(f"mtp = {mtp!r}: must be False, True or a number of MTP modules >= 0")
         n_mtp = int(mtp)
         if n_mtp > n_mtp_file:
             raise ValueError(f"{src}: mtp = {n_mtp} modules requested but num_nextn_predict_layers = "
@@ -233,24 +315,29 @@ def config_from_hf(hf: dict, mtp=False, source: str = "config.json") -> ModelCon
     if isinstance(extra, dict):      # our own training-only fields (save_pretrained writes them)
         keep = ("bias_update_speed", "aux_loss_alpha", "seq_aux_loss_alpha", "z_loss_alpha",
                 "capacity_factor", "mtp_lambda", "init_std")
-        fields.update({k: extra[k] for k in keep if k in extra})
+        fields.update({f: extra[f] for f in keep if f in extra})
     fields.update(
-        vocab_size=int(g("vocab_size")), dim=int(g("hidden_size")),
-        inter_dim=int(g("intermediate_size")), moe_inter_dim=int(g("moe_intermediate_size")),
-        n_layers=n_layers, n_dense_layers=min(int(g("first_k_dense_replace")), n_layers),
-        n_heads=H, n_routed_experts=int(g("n_routed_experts")),
-        n_shared_experts=int(hf.get("n_shared_experts", HF_DEFAULTS["n_shared_experts"]) or 0),
-        n_activated_experts=int(g("num_experts_per_tok")),
-        n_expert_groups=int(hf.get("n_group", 8) or 1),
-        n_limited_groups=int(hf.get("topk_group", 4) or 1),
-        score_func="sigmoid", route_scale=float(g("routed_scaling_factor")),
-        q_lora_rank=0 if q_lora is None else int(q_lora), kv_lora_rank=int(g("kv_lora_rank")),
-        qk_nope_head_dim=int(g("qk_nope_head_dim")), qk_rope_head_dim=int(g("qk_rope_head_dim")),
-        v_head_dim=int(g("v_head_dim")), norm_eps=float(g("rms_norm_eps")),
-        latent_norm_eps=HF_LATENT_NORM_EPS, norm_topk_prob=bool(ntp),   # HF: None acts as False
+        vocab_size=count("vocab_size"), dim=count("hidden_size"),
+        inter_dim=count("intermediate_size"), moe_inter_dim=count("moe_intermediate_size"),
+        n_layers=n_layers, n_dense_layers=min(count("first_k_dense_replace", 0), n_layers),
+        n_heads=H, n_routed_experts=count("n_routed_experts"),
+        n_shared_experts=count("n_shared_experts", 0, null=0),     # null: none (DeepSeek's code)
+        n_activated_experts=count("num_experts_per_tok"),
+        n_expert_groups=count("n_group", note=" (1 = no group limit)"),
+        n_limited_groups=count("topk_group", note=" (groups kept per token)"),
+        score_func="sigmoid",
+        route_scale=k.float("routed_scaling_factor", HF_DEFAULTS["routed_scaling_factor"]),
+        q_lora_rank=count("q_lora_rank", null=0),                   # null: no query compression
+        kv_lora_rank=count("kv_lora_rank"),
+        qk_nope_head_dim=count("qk_nope_head_dim"), qk_rope_head_dim=count("qk_rope_head_dim"),
+        v_head_dim=count("v_head_dim"),
+        norm_eps=k.float("rms_norm_eps", HF_DEFAULTS["rms_norm_eps"]),
+        latent_norm_eps=HF_LATENT_NORM_EPS, norm_topk_prob=k.bool("norm_topk_prob", True),
         n_mtp_modules=n_mtp, attn_type="mla")
-    if "init_std" not in fields and hf.get("initializer_range"):
-        fields["init_std"] = float(hf["initializer_range"])
+    if "init_std" not in fields:
+        init_std = k.float("initializer_range", None, null=None)
+        if init_std is not None:
+            fields["init_std"] = init_std
     fields.update(_rope_from_hf(hf, src))
     try:
         return ModelConfig.from_dict(fields)
@@ -399,16 +486,30 @@ def _rope_rows(w: np.ndarray, kind: str, cfg: ModelConfig, to_half_split: bool) 
     return w
 
 
+def _rope_layout(model, rope_interleave) -> bool:
+    """The RoPE row layout to write: the argument, else the one the model was loaded from."""
+    if rope_interleave is None:
+        return bool(getattr(model, HF_LAYOUT_ATTR, True))
+    if not isinstance(rope_interleave, (bool, np.bool_)):
+        raise ValueError(f"rope_interleave = {rope_interleave!r}: must be True, False or None "
+                         f"(None: the layout the model was loaded from, interleaved otherwise)")
+    return bool(rope_interleave)
+
+
 def to_hf_state_dict(model, tensors: Optional[Dict[str, np.ndarray]] = None, *,
-                     rope_interleave: bool = True, include_mtp: bool = True) -> Dict[str, np.ndarray]:
+                     rope_interleave: Optional[bool] = None,
+                     include_mtp: bool = True) -> Dict[str, np.ndarray]:
     """tinymoe names and layouts -> checkpoint names and layouts.
 
     tensors=None: the model's parameters, router selection biases (e_score_correction_bias) and,
     for MTP modules, the copies of the shared embedding and head that the released checkpoint
     holds. tensors=a dict with the keys of model.params (e.g. gradients; buffers optional): the
-    same mapping applied to it, so a port can compare gradient by gradient. rope_interleave=False
-    writes the rope rows in half-split order (see the module docstring). Arrays keep their dtype.
+    same mapping applied to it, so a port can compare gradient by gradient. rope_interleave: the
+    layout of the rope rows (see the module docstring); None (default) = the layout of the file
+    the model was loaded from (`model.hf_rope_interleave`, set by load_pretrained), interleaved
+    for any other model; False = half-split. Arrays keep their dtype.
     """
+    rope_interleave = _rope_layout(model, rope_interleave)
     cfg = model.config
     if tensors is None:
         src = dict(model.params)
@@ -527,6 +628,34 @@ def _decode(name: str, info: dict, src: str) -> Tuple[np.ndarray, str]:
                      f"(float32/float64/float16/bfloat16, or float8 e4m3 with weight_scale_inv)")
 
 
+def _read_json(path: str):
+    """A JSON file -> its value; unreadable or invalid JSON is a one-line ValueError naming it."""
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+
+def _shard_names(index: str, path: str) -> Dict[str, str]:
+    """model.safetensors.index.json -> its weight_map {tensor name: shard file}, checked."""
+    doc = _read_json(index)
+    wm = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise ValueError(f"{index}: needs a non-empty 'weight_map' object "
+                         f"{{tensor name: shard file name}}")
+    for name, fn in wm.items():
+        if not isinstance(fn, str) or not fn or os.path.basename(fn) != fn:
+            raise ValueError(f"{index}: weight_map[{name!r}] = {fn!r}: must be a plain file name "
+                             f"in {path}")
+        if not os.path.isfile(os.path.join(path, fn)):
+            raise ValueError(f"{index}: weight_map[{name!r}] names shard {fn!r}, which is not a "
+                             f"file in {path}")
+    return wm
+
+
 def read_safetensors(path: str, hf_config: Optional[dict] = None):
     """A checkpoint directory's tensors -> ({name: float array}, source dtypes, dequantized names).
 
@@ -538,15 +667,10 @@ def read_safetensors(path: str, hf_config: Optional[dict] = None):
     st = _need_safetensors()
     index = os.path.join(path, "model.safetensors.index.json")
     single = os.path.join(path, "model.safetensors")
+    wm = None
     if os.path.isfile(index):
-        with open(index, "r", encoding="utf-8") as f:
-            wm = json.load(f).get("weight_map")
-        if not isinstance(wm, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
+        wm = _shard_names(index, path)
         files = sorted(set(wm.values()))
-        for fn in files:
-            if os.path.basename(fn) != fn:
-                raise ValueError(f"{index}: shard name {fn!r} must be a plain file name")
     elif os.path.isfile(single):
         files = ["model.safetensors"]
     else:
@@ -568,6 +692,14 @@ def read_safetensors(path: str, hf_config: Optional[dict] = None):
             if name in raw:
                 raise ValueError(f"{full}: tensor {name!r} appears in more than one file")
             raw[name] = _decode(name, info, full)
+            if wm is not None and wm.get(name, fn) != fn:
+                raise ValueError(f"{full}: holds tensor {name!r}, which {index} places in "
+                                 f"{wm[name]!r}")
+    if wm is not None:           # every tensor the index lists must be in the shard it names
+        lost = sorted(n for n in wm if n not in raw)
+        if lost:
+            raise ValueError(f"{index}: weight_map lists {len(lost)} tensor(s) that no shard holds, "
+                             f"first {lost[0]!r} (said to be in {wm[lost[0]]!r})")
     dtypes: Dict[str, int] = {}
     for _, dt in raw.values():
         dtypes[dt] = dtypes.get(dt, 0) + 1
@@ -631,19 +763,15 @@ def load_pretrained(path: str, *, dtype=np.float32, mtp=False, return_report: bo
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path}: no config.json (expected a Hugging Face checkpoint directory)")
-    with open(cfg_path, "r", encoding="utf-8") as f:
-        try:
-            hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{cfg_path}: not valid JSON ({e})") from None
+    hf = _read_json(cfg_path)
     cfg = config_from_hf(hf, mtp=mtp, source=cfg_path)
-    interleave = hf.get("rope_interleave", True)
-    interleave = True if interleave is None else bool(interleave)
+    interleave = _Keys(hf, cfg_path).bool("rope_interleave", True)   # validated just above
     sd, dtypes, deq = read_safetensors(path, hf)
     params, buffers, unused = from_hf_state_dict(cfg, sd, rope_interleave=interleave, source=path)
     params = {k: np.asarray(v, dtype=dtype) for k, v in params.items()}
     buffers = {k: np.asarray(v, dtype=dtype) for k, v in buffers.items()}
     model = Model.from_params(cfg, params, buffers, source=path)
+    setattr(model, HF_LAYOUT_ATTR, interleave)   # to_hf_state_dict / save_pretrained default
     if unused:
         warnings.warn(f"{path}: {len(unused)} checkpoint tensor(s) not used by this tinymoe model: "
                       f"{_mtp_layer_summary(unused)}" +
@@ -655,32 +783,127 @@ def load_pretrained(path: str, *, dtype=np.float32, mtp=False, return_report: bo
     return model
 
 
-def save_pretrained(model, path: str, *, rope_interleave: bool = True,
+_RENAME_EXCHANGE = 2             # Linux renameat2 flag: swap two paths in one step
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Swap two existing paths atomically (Linux renameat2); False where the system cannot."""
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False             # e.g. a filesystem without the flag: use two renames instead
+    raise OSError(err, os.strerror(err), a)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    with open(path, "xb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _carry_over(src: str, dst: str, ours) -> None:
+    """Every entry of the old export folder except our two files, into the new one (hard links
+    where possible), so that tokenizer files and the like survive the swap."""
+    def link_or_copy(a, b):
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+    for name in os.listdir(src):
+        if name in ours:
+            continue
+        a, b = os.path.join(src, name), os.path.join(dst, name)
+        if os.path.islink(a):
+            os.symlink(os.readlink(a), b)
+        elif os.path.isdir(a):
+            shutil.copytree(a, b, symlinks=True, copy_function=link_or_copy)
+        else:
+            link_or_copy(a, b)
+
+
+def save_pretrained(model, path: str, *, rope_interleave: Optional[bool] = None,
                     include_mtp: bool = True) -> None:
     """Write `path`/config.json and `path`/model.safetensors (float32) that transformers loads.
 
-    Files are written to temporary names and renamed into place. MTP modules are written as the
-    released checkpoint does (layer index n_layers + k); transformers loads the main model and
+    The pair is written atomically: both files go into a temporary folder next to `path`
+    (`.NAME.tmp-*`, fsync'ed; any other file already in `path` is carried over), which then
+    replaces `path` in one rename exchange (Linux renameat2; elsewhere two renames, rolled back on
+    error). Readers see the old export or the new one, never a mix. An OS error (full disk, no
+    permission) is an OSError naming `path`, with `path` left as it was and nothing left behind;
+    a process killed mid-save can leave only a `.NAME.tmp-*` folder, which may be deleted.
+
+    rope_interleave: layout of the rope rows; None (default) = the layout the model was loaded
+    from (so a half-split checkpoint is written back half-split), interleaved for any other
+    model; False writes them half-split with "rope_interleave": false. MTP modules are written as
+    the released checkpoint does (layer index n_layers + k); transformers loads the main model and
     lists those keys as unexpected (it ignores only layer 61), so pass include_mtp=False for a
-    directory transformers loads without any report. rope_interleave=False writes the rope rows in
-    half-split order with "rope_interleave": false.
+    directory transformers loads without any report.
     """
     _need_safetensors()
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save as serialize
     cfg = model.config
+    rope_interleave = _rope_layout(model, rope_interleave)
     hf = config_to_hf(cfg, rope_interleave=rope_interleave, include_mtp=include_mtp)
     sd = to_hf_state_dict(model, rope_interleave=rope_interleave, include_mtp=include_mtp)
     sd = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in sd.items()}
+    files = {"model.safetensors": serialize(sd, metadata={"format": "pt"}),
+             "config.json": (json.dumps(hf, indent=2, sort_keys=True) + "\n").encode()}
     path = os.fspath(path)
-    os.makedirs(path, exist_ok=True)
-    if os.path.exists(os.path.join(path, "model.safetensors.index.json")):
+    target = os.path.realpath(path)        # a symlinked folder: replace what it points to
+    if os.path.exists(target) and not os.path.isdir(target):
+        raise ValueError(f"{path}: exists and is not a directory")
+    if os.path.exists(os.path.join(target, "model.safetensors.index.json")):
         raise ValueError(f"{path}: holds a sharded checkpoint (model.safetensors.index.json); "
                          f"save into an empty directory")
-    tmp_st = os.path.join(path, ".model.safetensors.tmp")
-    tmp_cfg = os.path.join(path, ".config.json.tmp")
-    save_file(sd, tmp_st, metadata={"format": "pt"})
-    with open(tmp_cfg, "w", encoding="utf-8") as f:
-        json.dump(hf, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp_st, os.path.join(path, "model.safetensors"))
-    os.replace(tmp_cfg, os.path.join(path, "config.json"))
+    cwd = os.getcwd()
+    if os.path.isdir(target) and os.path.commonpath([cwd, target]) == target:
+        raise ValueError(f"{path}: is the current directory or contains it; the export folder is "
+                         f"replaced as a whole, so save into another folder")
+    parent, name = os.path.split(target)
+    tmp = old = None
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)    # mkdtemp's 0700 would make the export private
+        for fn, data in files.items():
+            _write_file(os.path.join(tmp, fn), data)
+        if os.path.isdir(target):
+            _carry_over(target, tmp, files)
+            fsync_dir(tmp)
+            if not _exchange(tmp, target):
+                old = tmp + ".old"
+                os.rename(target, old)
+                try:
+                    os.rename(tmp, target)
+                except OSError:
+                    try:
+                        os.rename(old, target)       # roll back: the old export stays
+                    except OSError as e2:
+                        raise OSError(e2.errno, f"{path}: save failed and the previous export "
+                                                f"could not be put back; it is in {old}") from None
+                    raise
+                tmp = old                            # the old export is what remains to delete
+        else:
+            fsync_dir(tmp)
+            os.rename(tmp, target)
+            tmp = None
+        fsync_dir(parent)
+    except OSError as e:
+        if old is not None and not os.path.exists(target):
+            raise                                    # says where the old export is kept
+        msg = f"{path}: cannot save the Hugging Face export ({e.strerror or e}); {path} is unchanged"
+        raise (OSError(e.errno, msg) if e.errno is not None else OSError(msg)) from None
+    finally:
+        if tmp is not None:       # the new files after a failure, or the old export after a swap
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,10 @@
 A lesson prints one line per claim (`PASS dead_experts = 5 (>= 4)`) and exits non-zero when any
 claim fails, so the test suite's `--quick` runs and a student's full runs catch a broken lesson.
 In --quick mode a lesson trains for a few seconds; its claims are still recorded but only those
-marked `quick=True` are enforced (a few seconds of training cannot show most effects).
+marked `quick=True` are enforced (a few seconds of training cannot show most effects); every
+lesson keeps at least one cheap quick claim that a broken optimizer or balancing rule would fail.
+Flags are checked up front (--seed >= 0, --seeds >= 1, a writable --out): a bad one is one line
+on stderr and exit code 2, never a traceback.
 """
 from __future__ import annotations
 
@@ -20,10 +23,19 @@ import json
 import operator
 import os
 import sys
+import tempfile
 import time
 from typing import Dict, List, Optional
 
 import numpy as np
+
+from tinymoe.atomic import write_atomic
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):   # one line, no usage dump
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        sys.exit(2)
+
 
 _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 
@@ -31,14 +43,29 @@ _OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le
 class Lesson:
     def __init__(self, name: str, doc: Optional[str] = None, argv: Optional[List[str]] = None,
                  default_seeds: int = 1):
-        p = argparse.ArgumentParser(prog=f"lessons/{name}.py",
+        p = _Parser(prog=f"lessons/{name}.py",
                                     description=(doc or "").strip().splitlines()[0] if doc else None)
         p.add_argument("--out", default=os.path.join("runs", name), help="output folder")
         p.add_argument("--quick", action="store_true", help="a few seconds, for the test suite")
         p.add_argument("--seed", type=int, default=0, help="first seed")
         p.add_argument("--seeds", type=int, default=None,
                        help=f"number of seeds (default {default_seeds}, 1 with --quick)")
+        if argv is None and "ipykernel" in sys.modules:   # a notebook: its argv is the kernel's
+            argv = []                                        # (-f kernel.json), not the lesson's
         args = p.parse_args(argv)
+        if args.seed < 0:
+            p.error(f"--seed {args.seed}: must be >= 0")
+        if args.seeds is not None and args.seeds < 1:
+            p.error(f"--seeds {args.seeds}: must be >= 1")
+        if not args.out.strip():
+            p.error("--out '': not a folder name")
+        try:                                  # unwritable: one line now, not a traceback later
+            os.makedirs(args.out, exist_ok=True)
+            fd, probe = tempfile.mkstemp(prefix=".probe-", dir=args.out)
+            os.close(fd)
+            os.remove(probe)
+        except OSError as e:
+            p.error(f"--out {args.out}: cannot write there ({e.strerror or e})")
         self.name = name
         self.out = args.out
         self.quick = args.quick
@@ -48,7 +75,6 @@ class Lesson:
         self.metrics: Dict[str, object] = {}
         self.claims: List[dict] = []
         self.t0 = time.perf_counter()
-        os.makedirs(self.out, exist_ok=True)
         print(f"== {name}{' (quick)' if self.quick else ''}: seeds {self.seeds}, output {self.out}")
 
     def path(self, filename: str) -> str:
@@ -84,17 +110,15 @@ class Lesson:
         for l, idx in indices_by_layer.items():
             arrays[f"indices_layer{l}"] = np.asarray(idx)
         arrays.update({k: np.asarray(v) for k, v in extra.items()})
-        path = self.path(filename)
-        np.savez(path, **arrays)
-        return path
+        return write_atomic(self.path(filename), lambda f: np.savez(f, **arrays), suffix=".npz")
 
     def finish(self) -> None:
         self.metric("seconds", time.perf_counter() - self.t0)
         self.metric("quick", self.quick)
         self.metric("seeds", self.seeds)
         self.metrics["claims"] = self.claims
-        with open(self.path("metrics.json"), "w") as f:
-            json.dump(self.metrics, f, indent=2, sort_keys=True)
+        write_atomic(self.path("metrics.json"),
+                     json.dumps(self.metrics, indent=2, sort_keys=True).encode("utf-8"))
         failed = [c for c in self.claims if c["enforced"] and not c["ok"]]
         n_ok = sum(c["ok"] for c in self.claims)
         n_skipped = sum(not c["enforced"] for c in self.claims)

@@ -15,6 +15,11 @@ Multi-token prediction (DeepSeek-V3 section 2.2, reference/deepseek.md section 1
     L = CE(logits, targets) + (mtp_lambda / n_mtp) sum_k CE(logits^k, targets[:, k:]) + balance losses
 
 h^0 is the last block's output before the final norm (hnorm re-normalises it either way).
+Order of the concatenation: the V3 paper's eq. 21 writes [RMSNorm(h) ; RMSNorm(Emb)] (hidden
+first), but the released weights are read embedding first by the serving engines (vLLM
+deepseek_mtp.py, DeepSeekMultiTokenPredictorLayer.forward: torch.cat([inputs_embeds,
+previous_hidden_states]); SGLang and Megatron-LM alike), so eh_proj[:, :D] acts on the embedding.
+Eq. 21's M_k is [W_eh[:, D:] | W_eh[:, :D]]. Pinned by tests/test_mtp_order.py.
 Every cross-entropy is the mean over targets that are not -100.
 
 The backward walks the same steps in reverse; gradients meet at the residual additions, at the
@@ -37,6 +42,15 @@ from tinymoe.layers.basic import (cross_entropy_backward, cross_entropy_forward,
                                   swiglu_backward, swiglu_forward)
 from tinymoe.layers.norm import rmsnorm_backward, rmsnorm_forward
 from tinymoe.memory import keep_freed_memory
+from tinymoe import threads
+# The fused twins of the norm, the dense FFN and the loss (tinymoe/kernels/): same arguments and
+# caches, and the plain functions above for float64 or under TINYMOE_BACKEND=numpy.
+from tinymoe.kernels.norm import rmsnorm_backward_fused as rmsnorm_backward  # noqa: E402,F811
+from tinymoe.kernels.norm import rmsnorm_forward_fused as rmsnorm_forward  # noqa: E402,F811
+from tinymoe.kernels.swiglu import swiglu_backward_fused as swiglu_backward  # noqa: E402,F811
+from tinymoe.kernels.swiglu import swiglu_forward_fused as swiglu_forward  # noqa: E402,F811
+from tinymoe.kernels.loss import cross_entropy_backward_fused as cross_entropy_backward  # noqa
+from tinymoe.kernels.loss import cross_entropy_forward_fused as cross_entropy_forward  # noqa
 
 NORM_SUFFIXES = ("norm",)   # parameter names ending like this are RMSNorm scales (init 1, no decay)
 
@@ -267,6 +281,9 @@ class Model:
                 raise ValueError(f"{source}: parameter {k!r} has shape {list(params[k].shape)}, "
                                  f"the config needs {list(shape)}")
         model.params = {k: np.array(params[k], dtype=model.dtype) for k in expected}
+        for k, v in model.params.items():      # a NaN weight would only surface steps later
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"{source}: parameter {k!r} has non-finite values (NaN or inf)")
         model.buffers = {}
         buffers = buffers or {}
         for k, shape in buffer_shapes(config).items():
@@ -274,6 +291,8 @@ class Model:
             if b.shape != tuple(shape):
                 raise ValueError(f"{source}: buffer {k!r} has shape {list(b.shape)}, "
                                  f"the config needs {list(shape)}")
+            if not np.all(np.isfinite(b)):
+                raise ValueError(f"{source}: buffer {k!r} has non-finite values (NaN or inf)")
             model.buffers[k] = b.copy()
         extra = sorted(set(buffers) - set(buffer_shapes(config)))
         if extra:
@@ -287,6 +306,8 @@ class Model:
     # ---------------------------------------------------------------------------------------
     def _check_tokens(self, tokens, name="tokens") -> np.ndarray:
         check_tokens(name, tokens, self.config.vocab_size, ndim=2)
+        if tokens.shape[0] < 1:
+            raise ValueError(f"{name}: empty batch (shape {list(tokens.shape)})")
         if tokens.shape[1] < 1:
             raise ValueError(f"{name}: empty sequence (shape {list(tokens.shape)})")
         if tokens.shape[1] > self.config.max_seq_len:
@@ -301,6 +322,7 @@ class Model:
         """
         cfg, P = self.config, self.params
         self._check_tokens(tokens)
+        threads.adapt()              # BLAS / numba thread count for this step (tinymoe/threads.py)
         B, T = tokens.shape
         # 1. embedding
         h, c_emb = embedding_forward(tokens, P["embed"])                            # [B, T, D]
@@ -335,6 +357,7 @@ class Model:
         cfg, P = self.config, self.params
         pre = f"mtp.{k - 1}"
         T = tokens.shape[1]
+        # BEGIN EXERCISE mtp
         # 1. embeddings of the tokens k ahead, and the previous depth's hidden states
         e, c_e = embedding_forward(tokens[:, k:], P["embed"])                       # [B, T-k, D]
         en, c_en = rmsnorm_forward(e, P[f"{pre}.enorm"], cfg.norm_eps)              # [B, T-k, D]
@@ -350,12 +373,14 @@ class Model:
         cache = dict(emb=c_e, enorm=c_en, hnorm=c_hn, eh_proj=c_eh, block=c_blk, norm=c_on,
                      head=c_head, T_prev=h_prev.shape[1])
         return logits, hk, cache, aux
+        # END EXERCISE
 
     def _mtp_backward(self, k: int, dlogits: np.ndarray, dhk: np.ndarray, cache: dict, grads: dict,
                       daux: float):
         """Reverse of _mtp_forward; returns d h_prev [B, T_prev, D] and adds into grads."""
         pre = f"mtp.{k - 1}"
         D = self.config.dim
+        # BEGIN EXERCISE mtp
         # 4. forward: logits = on @ head.T ; on = norm(hk)
         don, dhead = linear_backward(dlogits, cache["head"])
         grads["head"] = grads["head"] + dhead         # the head is shared with the main model
@@ -374,6 +399,7 @@ class Model:
         dh_prev = np.zeros((B, cache["T_prev"], D), dtype=dh_part.dtype)
         dh_prev[:, :Tk] = dh_part
         return dh_prev
+        # END EXERCISE
 
     def backward(self, dlogits: np.ndarray, cache: ForwardCache,
                  dmtp_logits: Optional[list] = None, daux: float = 1.0) -> Dict[str, np.ndarray]:

@@ -16,7 +16,7 @@ import os
 
 import numpy as np
 
-from tinymoe.bench._timing import median_seconds, run_with_threads
+from tinymoe.bench._timing import median_seconds, run_with_env, run_with_threads
 
 B, T = 8, 128
 
@@ -31,20 +31,46 @@ def matmul_peak(n: int = 1024, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def worker(quick: bool) -> dict:
-    """Measure in this process (threads fixed by the environment); returns a JSON-able dict."""
-    from tinymoe.accounting import flops_per_token
+def make_step(batch: int = B, seq: int = T, **overrides):
+    """(cfg, model, opt, tokens, targets, full_step) on the bench preset with `overrides`."""
     from tinymoe.config import ModelConfig
-    from tinymoe.layers.basic import cross_entropy_forward
     from tinymoe.model import Model
     from tinymoe.optim import AdamW
 
-    cfg = ModelConfig.preset("bench", bias_update_speed=0.001)
+    fields = dict(bias_update_speed=0.001)
+    fields.update(overrides)
+    if seq > 4096:
+        fields["max_seq_len"] = seq
+    cfg = ModelConfig.preset("bench", **fields)
     model = Model(cfg, seed=0, dtype=np.float32)
     opt = AdamW(model.params, lr=1e-3, weight_decay=0.1)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, cfg.vocab_size, size=(B, T))
-    targets = rng.integers(0, cfg.vocab_size, size=(B, T))
+    tokens = rng.integers(0, cfg.vocab_size, size=(batch, seq))
+    targets = rng.integers(0, cfg.vocab_size, size=(batch, seq))
+
+    def full_step():
+        grads = model.loss_and_grads(tokens, targets)[1]
+        opt.step(grads)
+        model.update_router_biases(model.last_stats["loads"], cfg.bias_update_speed)
+
+    return cfg, model, opt, tokens, targets, full_step
+
+
+def step_worker(repeats: int) -> dict:
+    """Median seconds of the full step only (threads as the environment and policy say)."""
+    from tinymoe import threads
+    *_, full_step = make_step()
+    full_step()                                          # warm-up: numba cache, allocations
+    t = median_seconds(full_step, repeats, warmup=False)
+    return {"step_s": t, "threads": threads.adapt(), "policy": threads.mode()}
+
+
+def worker(quick: bool) -> dict:
+    """Measure in this process (threads fixed by the environment); returns a JSON-able dict."""
+    from tinymoe.accounting import flops_per_token
+    from tinymoe.layers.basic import cross_entropy_forward
+
+    cfg, model, opt, tokens, targets, _ = make_step()
     repeats = 2 if quick else 15
 
     def fwd():
@@ -87,6 +113,15 @@ def run(quick: bool) -> list:
                      f"{1e3 * r['forward_s']:>8.1f} {1e3 * r['backward_s']:>8.1f} "
                      f"{1e3 * r['optimizer_s']:>8.1f} {r['peak_flops'] / 1e9:>10.1f} "
                      f"{100 * r['mfu']:>5.1f}%")
+    if not quick:
+        for threads in ("1", "2"):
+            env = {"OPENBLAS_NUM_THREADS": threads, "OMP_NUM_THREADS": threads}
+            t = {be: run_with_env("tinymoe.bench.train.step_worker(15)",
+                                  dict(env, TINYMOE_BACKEND=be))["step_s"]
+                 for be in ("numpy", "numba")}
+            lines.append(f"threads {threads}: plain NumPy layers (TINYMOE_BACKEND=numpy) "
+                         f"{1e3 * t['numpy']:.1f} ms, fused numba kernels {1e3 * t['numba']:.1f} ms, "
+                         f"plain/fused = {t['numpy'] / t['numba']:.2f}x")
     lines.append("compare: scripts/bench_torch.py (PyTorch + transformers DeepseekV3ForCausalLM, "
                  "same shape and threads)")
     return lines

@@ -36,7 +36,8 @@ Determinism: one np.random.Generator seeded by RunConfig.seed draws the SFT batc
 and the sampling seeds. A checkpoint (`ckpt_stepNNNNNN.npz`, tinymoe.checkpoint format: policy,
 AdamW state, step, generator state; the configs in `meta`) plus its reference model
 (`ckpt_stepNNNNNN.ref.npz`, parameters and router biases only) resumes bitwise: the resumed run's
-records equal the uninterrupted run's.
+records equal the uninterrupted run's, except the two wall-clock fields `seconds` and
+`tokens_per_s` (the same holds for two identical runs).
 """
 from __future__ import annotations
 
@@ -58,9 +59,11 @@ from tinymoe.grpo.objective import zero_variance_groups
 from tinymoe.grpo.tasks import response_mask
 from tinymoe.model import Model
 from tinymoe.optim import AdamW, clip_grad_norm
-from tinymoe.train import first_nonfinite, truncate_log
+from tinymoe.train import (TrainingInterrupted, check_resume_settings, first_nonfinite,
+                           nonfinite_state, prepare_out_dir, truncate_log, write_text)
 
 EVAL_SPLITS = ("heldout", "warmstart")
+RESUMABLE = ("rl_steps", "eval_every", "log_every", "save_every")   # may change on resume
 LOG_FIELDS = ("step", "reward", "train_acc", "heldout_acc", "kl", "clip_fraction", "zero_var",
               "length", "tokens_per_s")
 
@@ -90,14 +93,14 @@ class RunConfig:
     seed: int = 0                     # model init and the run's generator
 
     def validate(self) -> "RunConfig":
-        for name in ("rl_steps", "sft_steps", "eval_every", "log_every", "save_every"):
+        for name in ("rl_steps", "sft_steps", "eval_every", "log_every", "save_every", "seed"):
             v = getattr(self, name)
-            if not (isinstance(v, int) and v >= 0):
+            if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
                 raise ValueError(f"RunConfig.{name} = {v!r}: must be an int >= 0")
         if not (isinstance(self.sft_batch, int) and self.sft_batch >= 1):
             raise ValueError(f"RunConfig.sft_batch = {self.sft_batch!r}: must be an int >= 1")
-        if not self.sft_lr > 0:
-            raise ValueError(f"RunConfig.sft_lr = {self.sft_lr}: must be > 0")
+        if not (self.sft_lr > 0 and math.isfinite(self.sft_lr)):
+            raise ValueError(f"RunConfig.sft_lr = {self.sft_lr}: must be a finite number > 0")
         if self.sft_max_units is not None and not 0 <= self.sft_max_units <= 9:
             raise ValueError(f"RunConfig.sft_max_units = {self.sft_max_units}: must be in 0..9 or None")
         if self.eval_split not in EVAL_SPLITS:
@@ -106,8 +109,9 @@ class RunConfig:
             raise ValueError("RunConfig.eval_split = 'warmstart' needs sft_max_units (a partial warm start)")
         if self.n_eval is not None and self.n_eval < 1:
             raise ValueError(f"RunConfig.n_eval = {self.n_eval}: must be >= 1 or None")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise ValueError(f"RunConfig.grad_clip = {self.grad_clip}: must be > 0 or None")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise ValueError(f"RunConfig.grad_clip = {self.grad_clip}: must be a finite number > 0 "
+                             f"or None")
         return self
 
 
@@ -194,13 +198,19 @@ def warm_start(model: Model, task, rcfg: RunConfig, rng: np.random.Generator,
     for step in range(1, rcfg.sft_steps + 1):
         t0 = time.perf_counter()
         x, y = _tasks.sft_examples(task, rcfg.sft_batch, "train", rng, subset)
-        loss, grads = model.loss_and_grads(x, y)
+        try:
+            loss, grads = model.loss_and_grads(x, y)
+        except FloatingPointError as e:
+            raise GRPOTrainingError(f"warm start step {step}: {e}") from None
         bad = first_nonfinite(loss, grads)
         if bad is not None:
             raise GRPOTrainingError(f"warm start step {step}: non-finite {bad} (loss = {loss})")
         grads, gnorm = clip_grad_norm(grads, rcfg.grad_clip)
         opt.step(grads)
         model.update_router_biases(model.last_stats["loads"], model.config.bias_update_speed)
+        bad = nonfinite_state(model)
+        if bad is not None:
+            raise GRPOTrainingError(f"warm start step {step}: the update made {bad} non-finite")
         dt = time.perf_counter() - t0
         hist.append({"sft_step": step, "loss": float(loss), "grad_norm": gnorm,
                      "tokens_per_s": x.size / dt})
@@ -271,6 +281,10 @@ def rl_step(model: Model, ref_model: Model, opt: AdamW, task, gcfg: GRPOConfig, 
             opt.step(grads, lr=gcfg.lr)
             loads = {k: c.load for k, c in fcache.moe_caches.items()}
             model.update_router_biases(loads, model.config.bias_update_speed)
+            bad = nonfinite_state(model)
+            if bad is not None:      # checked before anything is saved
+                raise GRPOTrainingError(f"the update made {bad} non-finite (lr = {gcfg.lr:g}); RL "
+                                        f"stopped, the last checkpoint is untouched")
             stats_list.append(stats)
     mean = (lambda k: float(np.mean([s[k] for s in stats_list]))) if stats_list else (lambda k: 0.0)
     rec.update({"kl": mean("kl"), "clip_fraction": mean("clip_fraction"),
@@ -346,7 +360,7 @@ def train_grpo(model_cfg: Optional[ModelConfig], task, gcfg: GRPOConfig, rcfg: R
                out_dir: Optional[str] = None, resume: Optional[str] = None,
                model: Optional[Model] = None,
                callback: Optional[Callable[[int, Model, dict], None]] = None,
-               print_fn: Optional[Callable[[str], None]] = print) -> dict:
+               print_fn: Optional[Callable[[str], None]] = print, overwrite: bool = False) -> dict:
     """Warm start + GRPO; returns {"model", "ref_model", "history", "sft_history", "heldout",
     "heldout_correct_start", "heldout_correct_end", "summary"}.
 
@@ -354,18 +368,34 @@ def train_grpo(model_cfg: Optional[ModelConfig], task, gcfg: GRPOConfig, rcfg: R
     batch without an update; heldout_acc greedy), then one record per RL step. `model` replaces
     Model(model_cfg, seed) (skip the warm start with rcfg.sft_steps = 0). With `resume` (a GRPO
     checkpoint), task, configs, policy, reference, optimizer and generator come from the file and
-    RL continues up to rcfg.rl_steps (the file's, unless rcfg is given: its rl_steps counts).
-    callback(step, model, record) runs after every step (step 0 included).
+    RL continues up to rcfg.rl_steps (the file's, unless rcfg is given: its rl_steps counts, and
+    must be above the checkpoint's step); a model_cfg, task, gcfg or rcfg that is given must agree
+    with the file (rcfg's rl_steps, eval_every, log_every and save_every may differ). `out_dir`
+    follows tinymoe.train.prepare_out_dir (empty, the resumed run's own, or overwrite=True).
+    callback(step, model, record) runs after every step (step 0 included); Ctrl-C raises
+    tinymoe.train.TrainingInterrupted naming the last checkpoint written.
     """
     say = print_fn or (lambda s: None)
     sft_history: List[dict] = []
     if resume:
         model, ref_model, opt_state, start, rng, meta = load_grpo_checkpoint(resume)
+        source = f"checkpoint {resume}"
+        given = [(model_cfg.to_dict() if model_cfg else {}, model.config.to_dict(), "ModelConfig."),
+                 (task_to_dict(task) if task else {}, meta["task"], "task."),
+                 (gcfg.to_dict() if gcfg else {}, meta["grpo"], "GRPOConfig."),
+                 (dataclasses.asdict(rcfg) if rcfg else {}, meta["run"], "RunConfig.")]
+        for mine, saved, prefix in given:
+            check_resume_settings(mine, saved, [k for k in sorted(saved) if k not in RESUMABLE],
+                                  source, prefix)
         task = task_from_dict(meta["task"])
         gcfg = GRPOConfig(**meta["grpo"])
-        saved = dict(meta["run"], betas=tuple(meta["run"]["betas"]))
-        rcfg = RunConfig(**dict(saved, rl_steps=rcfg.rl_steps if rcfg else saved["rl_steps"],
-                                log_every=rcfg.log_every if rcfg else saved["log_every"]))
+        run = dict(meta["run"], betas=tuple(meta["run"]["betas"]))
+        if rcfg:
+            run.update({k: getattr(rcfg, k) for k in RESUMABLE})
+        rcfg = RunConfig(**run)
+        if rcfg.rl_steps <= start:
+            raise ValueError(f"RunConfig.rl_steps = {rcfg.rl_steps}: must be > the step {start} "
+                             f"of {source}, or there is nothing to train")
     rcfg.validate()
     gcfg.validate()
     R = gcfg.max_new_tokens or task.max_response_len
@@ -383,58 +413,63 @@ def train_grpo(model_cfg: Optional[ModelConfig], task, gcfg: GRPOConfig, rcfg: R
                          f"response {R} tokens do not fit")
     meta = {"task": task_to_dict(task), "grpo": gcfg.to_dict(),
             "run": dataclasses.asdict(rcfg)}
-    log_path = os.path.join(out_dir, "log.jsonl") if out_dir else None
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
+    log_path = os.path.join(out_dir, "log.jsonl") if out_dir is not None else None
+    if out_dir is not None:
+        prepare_out_dir(out_dir, resume, overwrite)
         truncate_log(log_path, start)         # fresh: empty; resumed: records up to its step
     history: List[dict] = []
 
     def emit(rec):
         history.append(rec)
         if log_path:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+            write_text(log_path, json.dumps(rec) + "\n", mode="a")
 
     t_run = time.perf_counter()
     correct_start = None
-    if not resume:
-        # phase 1: supervised warm start, then freeze the reference
-        if rcfg.sft_steps:
-            sft_history = warm_start(model, task, rcfg, rng, say)
-        ref_model = copy_model(model)
-        opt = AdamW(model.params, lr=gcfg.lr, betas=rcfg.betas, weight_decay=rcfg.weight_decay)
-        correct_start = greedy_correct(model, task, heldout, R)
-        # step 0: the starting policy's numbers (a sampled batch with no update: mu = 0)
-        rec = rl_step(model, ref_model, opt, task, gcfg, rcfg, rng, update=False)
-        rec.update(step=0, heldout_acc=float(correct_start.mean()))
-        emit(rec)
-        say(_line(rec, rcfg.rl_steps))
-        if callback:
-            callback(0, model, rec)
-    else:
-        opt = AdamW(model.params, lr=gcfg.lr, betas=rcfg.betas, weight_decay=rcfg.weight_decay)
-        opt.load_state_dict(opt_state, source=f"checkpoint {resume}")
-    # phase 2: RL
-    for step in range(start + 1, rcfg.rl_steps + 1):
-        if gcfg.ref_update_every and (step - 1) % gcfg.ref_update_every == 0 and step > 1:
-            ref_model = copy_model(model)                      # R1: refresh pi_ref periodically
-        rec = rl_step(model, ref_model, opt, task, gcfg, rcfg, rng)
-        rec["step"] = step
-        last = step == rcfg.rl_steps
-        if (rcfg.eval_every and step % rcfg.eval_every == 0) or last:
-            correct = greedy_correct(model, task, heldout, R)
-            rec["heldout_acc"] = float(correct.mean())
-        else:
-            correct = None
-            rec["heldout_acc"] = None
-        emit(rec)
-        if rcfg.log_every and (step % rcfg.log_every == 0 or last):
+    saved = resume
+    try:
+        if not resume:
+            # phase 1: supervised warm start, then freeze the reference
+            if rcfg.sft_steps:
+                sft_history = warm_start(model, task, rcfg, rng, say)
+            ref_model = copy_model(model)
+            opt = AdamW(model.params, lr=gcfg.lr, betas=rcfg.betas, weight_decay=rcfg.weight_decay)
+            correct_start = greedy_correct(model, task, heldout, R)
+            # step 0: the starting policy's numbers (a sampled batch with no update: mu = 0)
+            rec = rl_step(model, ref_model, opt, task, gcfg, rcfg, rng, update=False)
+            rec.update(step=0, heldout_acc=float(correct_start.mean()))
+            emit(rec)
             say(_line(rec, rcfg.rl_steps))
-        if callback:
-            callback(step, model, rec)
-        if out_dir and ((rcfg.save_every and step % rcfg.save_every == 0) or last):
-            save_grpo_checkpoint(os.path.join(out_dir, f"ckpt_step{step:06d}.npz"), model,
-                                 ref_model, opt, step, rng, meta)
+            if callback:
+                callback(0, model, rec)
+        else:
+            opt = AdamW(model.params, lr=gcfg.lr, betas=rcfg.betas, weight_decay=rcfg.weight_decay)
+            opt.load_state_dict(opt_state, source=f"checkpoint {resume}")
+        # phase 2: RL
+        for step in range(start + 1, rcfg.rl_steps + 1):
+            if gcfg.ref_update_every and (step - 1) % gcfg.ref_update_every == 0 and step > 1:
+                ref_model = copy_model(model)                      # R1: refresh pi_ref periodically
+            rec = rl_step(model, ref_model, opt, task, gcfg, rcfg, rng)
+            rec["step"] = step
+            last = step == rcfg.rl_steps
+            if (rcfg.eval_every and step % rcfg.eval_every == 0) or last:
+                correct = greedy_correct(model, task, heldout, R)
+                rec["heldout_acc"] = float(correct.mean())
+            else:
+                correct = None
+                rec["heldout_acc"] = None
+            emit(rec)
+            if rcfg.log_every and (step % rcfg.log_every == 0 or last):
+                say(_line(rec, rcfg.rl_steps))
+            if callback:
+                callback(step, model, rec)
+            if out_dir and ((rcfg.save_every and step % rcfg.save_every == 0) or last):
+                saved = save_grpo_checkpoint(os.path.join(out_dir, f"ckpt_step{step:06d}.npz"),
+                                             model, ref_model, opt, step, rng, meta)
+    except KeyboardInterrupt:
+        raise TrainingInterrupted(saved) from None
+    except FloatingPointError as e:                  # overflow in a forward
+        raise GRPOTrainingError(f"{e}; RL stopped, the last checkpoint is untouched") from None
     correct_end = greedy_correct(model, task, heldout, R)
     elapsed = time.perf_counter() - t_run
     rl = [h for h in history if h["step"] > 0]

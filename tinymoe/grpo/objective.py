@@ -106,6 +106,10 @@ class GRPOConfig:
         def need(ok, field, rule):
             if not ok:
                 raise ValueError(f"GRPOConfig.{field}: {getattr(self, field)!r} {rule}")
+        for field in ("clip_eps", "beta", "temperature", "adv_eps", "lr"):   # inf/NaN pass > and >=
+            need(np.isfinite(float(getattr(self, field))), field, "must be a finite number")
+        need(self.clip_eps_high is None or np.isfinite(float(self.clip_eps_high)), "clip_eps_high",
+             "must be a finite number or None")
         need(self.clip_eps > 0, "clip_eps", "must be > 0")
         need(self.clip_eps_high is None or self.clip_eps_high > 0, "clip_eps_high", "must be > 0 or None")
         need(self.beta >= 0, "beta", "must be >= 0")
@@ -182,6 +186,7 @@ def group_advantages(rewards: np.ndarray, scale_std: bool = True, eps: float = 1
         raise ValueError(f"std: {std!r} is not one of {STD_CONVENTIONS}")
     if eps < 0:
         raise ValueError(f"eps: {eps} must be >= 0")
+    # BEGIN EXERCISE grpo
     r = r.astype(np.float64)
     P, G = r.shape
     constant = np.ptp(r, axis=1) == 0 if G else np.ones(P, bool)   # [P] zero-variance groups
@@ -193,6 +198,7 @@ def group_advantages(rewards: np.ndarray, scale_std: bool = True, eps: float = 1
         a = np.divide(a, denom, out=np.zeros_like(a), where=denom > 0)
     a[constant] = 0.0                                              # exact zeros, no rounding residue
     return a
+    # END EXERCISE
 
 
 def zero_variance_groups(rewards: np.ndarray) -> np.ndarray:
@@ -366,6 +372,7 @@ def grpo_loss(logits: np.ndarray, tokens: np.ndarray, mask: np.ndarray,
 def grpo_loss_backward(cache: GRPOCache, dloss: float = 1.0) -> np.ndarray:
     """cache -> dlogits [M, L, V] = dloss * d loss / d logits; exactly 0 where mask is 0."""
     lp, mask, ratio, unclipped, adv, ref_ratio, weight, beta = cache
+    # BEGIN EXERCISE grpo
     dt = ratio.dtype.type
     # 4. forward: loss = -sum_i weight_i sum_t mask_it obj_it
     dobj = -(dt(dloss) * weight[:, None]) * mask                               # [M, L]
@@ -378,3 +385,4 @@ def grpo_loss_backward(cache: GRPOCache, dloss: float = 1.0) -> np.ndarray:
     dlogp = dlogp + dsurr * np.where(unclipped, ratio * adv[:, None], 0)        # [M, L]
     # 1. forward: l = log_softmax(logits / tau)[tokens]
     return token_logprobs_backward(dlogp.astype(ratio.dtype), lp)
+    # END EXERCISE

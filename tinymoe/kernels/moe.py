@@ -32,6 +32,7 @@ from tinymoe.kernels import get, register
 
 def moe_sort_numpy(idx_flat: np.ndarray, keep_flat: np.ndarray, n_experts: int):
     """[A] int64 expert ids, [A] bool kept, E -> order [M] int64, pos [A] int64, offsets [E+1] int64."""
+    # BEGIN EXERCISE moe-dispatch
     kept = np.nonzero(keep_flat)[0]                               # [M] assignment ids, ascending
     e = idx_flat[kept]                                            # [M] their experts
     order = kept[np.argsort(e, kind="stable")]                    # [M] grouped by expert, stable
@@ -41,9 +42,11 @@ def moe_sort_numpy(idx_flat: np.ndarray, keep_flat: np.ndarray, n_experts: int):
     pos = np.full(idx_flat.shape[0], -1, dtype=np.int64)          # [A]
     pos[order] = np.arange(order.shape[0], dtype=np.int64)
     return order, pos, offsets
+    # END EXERCISE
 
 
 def _moe_sort_loops(idx_flat, keep_flat, n_experts):
+    # BEGIN EXERCISE moe-dispatch
     A = idx_flat.shape[0]
     offsets = np.zeros(n_experts + 1, dtype=np.int64)
     for a in range(A):                        # pass 1: count the kept assignments of each expert
@@ -61,6 +64,7 @@ def _moe_sort_loops(idx_flat, keep_flat, n_experts):
             pos[a] = fill[e]
             fill[e] += 1
     return order, pos, offsets
+    # END EXERCISE
 
 
 register("moe_sort", moe_sort_numpy, _moe_sort_loops)
@@ -99,6 +103,7 @@ def moe_combine_numpy(ys: np.ndarray, w_s: np.ndarray, pos: np.ndarray, n_tokens
     Vectorised without np.add.at: every assignment has its own row of an [N*K, D] buffer (dropped
     ones stay zero), then the K slots of each token are summed in order k = 0..K-1.
     """
+    # BEGIN EXERCISE moe-dispatch
     D = ys.shape[1]
     buf = np.zeros((n_tokens * k, D), dtype=ys.dtype)             # [N*K, D]
     kept = pos >= 0
@@ -107,9 +112,11 @@ def moe_combine_numpy(ys: np.ndarray, w_s: np.ndarray, pos: np.ndarray, n_tokens
     for j in range(1, k):                                         # K is small: slots 1..K-1 in order
         out += buf[j::k]
     return out
+    # END EXERCISE
 
 
 def _moe_combine_loops(ys, w_s, pos, n_tokens, k):
+    # BEGIN EXERCISE moe-dispatch
     D = ys.shape[1]
     out = np.zeros((n_tokens, D), dtype=ys.dtype)
     for t in range(n_tokens):                 # every token ...
@@ -120,6 +127,7 @@ def _moe_combine_loops(ys, w_s, pos, n_tokens, k):
                 for d in range(D):
                     out[t, d] += w * ys[p, d]
     return out
+    # END EXERCISE
 
 
 register("moe_combine", moe_combine_numpy, _moe_combine_loops)

@@ -98,6 +98,7 @@ def sdpa_backward(do: np.ndarray, cache: SDPACache):
     B, H, T, Dk = qh.shape
     S = kh.shape[2]
     check_shape("do", do, (B, T, H, vh.shape[-1]))
+    # BEGIN EXERCISE attention-backward
     doh = do.transpose(0, 2, 1, 3)                                   # [B, H, T, Dv]
     # 4. forward: o = p @ v
     dp = doh @ vh.transpose(0, 1, 3, 2)                              # [B, H, T, S]
@@ -116,6 +117,7 @@ def sdpa_backward(do: np.ndarray, cache: SDPACache):
     dv = dvh.reshape(B, Hkv, rep, S, dvh.shape[-1]).sum(axis=2).transpose(0, 2, 1, 3)  # [B, S, Hkv, Dv]
     dq = dqh.transpose(0, 2, 1, 3)                                   # [B, T, H, Dk]
     return np.ascontiguousarray(dq), np.ascontiguousarray(dk), np.ascontiguousarray(dv)
+    # END EXERCISE
 
 
 # ================================================================================================

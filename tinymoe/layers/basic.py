@@ -162,6 +162,7 @@ def swiglu_backward(dy: np.ndarray, cache: SwiGLUCache):
     """
     x, h1, h3, sg, g, w1, w2, w3 = cache
     check_shape("dy", dy, x.shape)
+    # BEGIN EXERCISE swiglu-backward
     # 3. forward: y = g @ w2.T
     dw2 = dy.T @ g                                               # [D, F]
     dg = dy @ w2                                                 # [N, F]
@@ -173,6 +174,7 @@ def swiglu_backward(dy: np.ndarray, cache: SwiGLUCache):
     dw3 = dh3.T @ x                                              # [F, D]
     dx = dh1 @ w1 + dh3 @ w3                                     # [N, D]
     return dx, dw1, dw2, dw3
+    # END EXERCISE
 
 
 # ================================================================================================
@@ -201,8 +203,10 @@ def softmax_backward(dp: np.ndarray, p: np.ndarray) -> np.ndarray:
     entries (p = 0) get dx = 0 exactly.
     """
     check_shape("dp", dp, p.shape)
+    # BEGIN EXERCISE cross-entropy-backward
     # forward: p = softmax(x)
     return p * (dp - np.sum(dp * p, axis=-1, keepdims=True))
+    # END EXERCISE
 
 
 # ================================================================================================
@@ -250,6 +254,7 @@ def cross_entropy_backward(dloss: float, cache: CrossEntropyCache) -> np.ndarray
     Fused: the softmax and the log never meet in the backward, d(lse(z) - z_t)/dz = p - onehot(t).
     """
     p, targets, valid, n_valid = cache
+    # BEGIN EXERCISE cross-entropy-backward
     dz = np.zeros_like(p)                                        # [N, V]
     if n_valid == 0:
         return dz
@@ -260,3 +265,4 @@ def cross_entropy_backward(dloss: float, cache: CrossEntropyCache) -> np.ndarray
     dz[rows, targets[rows]] -= 1.0
     dz *= dloss / n_valid
     return dz
+    # END EXERCISE

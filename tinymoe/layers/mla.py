@@ -55,6 +55,14 @@ from tinymoe.layers.attention import (DecodeCache, SDPACache, causal_mask, sdpa_
 from tinymoe.layers.basic import LinearCache, linear_backward, linear_forward, softmax_forward
 from tinymoe.layers.norm import RMSNormCache, rmsnorm_backward, rmsnorm_forward
 from tinymoe.layers.rope import rope_angles, rope_backward, rope_forward, softmax_scale
+# The fused twins of the attention core, RMSNorm and RoPE (tinymoe/kernels/): same arguments,
+# same caches, and the plain functions above for float64 or under TINYMOE_BACKEND=numpy.
+from tinymoe.kernels.attention import sdpa_backward_fused as sdpa_backward  # noqa: E402,F811
+from tinymoe.kernels.attention import sdpa_forward_fused as sdpa_forward  # noqa: E402,F811
+from tinymoe.kernels.norm import rmsnorm_backward_fused as rmsnorm_backward  # noqa: E402,F811
+from tinymoe.kernels.norm import rmsnorm_forward_fused as rmsnorm_forward  # noqa: E402,F811
+from tinymoe.kernels.rope import rope_backward_fused as rope_backward  # noqa: E402,F811
+from tinymoe.kernels.rope import rope_forward_fused as rope_forward  # noqa: E402,F811
 
 
 # ================================================================================================
@@ -122,6 +130,7 @@ class QueryCache(NamedTuple):
 
 def _query_forward(x, p, cfg, cos, sin):
     """x [B, T, D] -> q_nope [B, T, H, Dn], q_pe [B, T, H, Dr] (rotated), QueryCache."""
+    # BEGIN EXERCISE mla-compress
     B, T, _ = x.shape
     H, Dn = cfg.n_heads, cfg.qk_nope_head_dim
     if cfg.q_lora_rank > 0:
@@ -139,6 +148,7 @@ def _query_forward(x, p, cfg, cos, sin):
     q_nope = q[..., :Dn]                                                     # [B, T, H, Dn]
     q_pe = rope_forward(np.ascontiguousarray(q[..., Dn:]), cos, sin)         # [B, T, H, Dr]
     return q_nope, q_pe, QueryCache(a_cache, n_cache, b_cache)
+    # END EXERCISE
 
 
 def _query_backward(dq_nope, dq_pe, cache: QueryCache, cos, sin):
@@ -166,6 +176,7 @@ class LatentCache(NamedTuple):
 
 def _latent_forward(x, p, cfg, cos, sin):
     """x [B, T, D] -> c [B, T, Dc] (normalised latent), k_pe [B, T, Dr] (rotated), LatentCache."""
+    # BEGIN EXERCISE mla-compress
     Dc = cfg.kv_lora_rank
     # 2a. joint down-projection: kv_a = x Wkv_a^T = [latent (Dc) | rope key (Dr)]
     kv_a, a_cache = linear_forward(x, p["wkv_a"])                            # [B, T, Dc+Dr]
@@ -175,6 +186,7 @@ def _latent_forward(x, p, cfg, cos, sin):
     # 2c. rotate the one rope key every head shares
     k_pe = rope_forward(np.ascontiguousarray(kv_a[..., Dc:]), cos, sin)      # [B, T, Dr]
     return c, k_pe, LatentCache(a_cache, n_cache)
+    # END EXERCISE
 
 
 def _latent_backward(dc, dk_pe, cache: LatentCache, cos, sin):
@@ -225,6 +237,7 @@ def mla_forward(x: np.ndarray, p: dict, cfg, start_pos: int = 0):
     q_nope, q_pe, q_cache = _query_forward(x, p, cfg, cos, sin)
     # 2. compressed key/value: normalised latent c [B, T, Dc], rotated shared key k_pe [B, T, Dr]
     c, k_pe, l_cache = _latent_forward(x, p, cfg, cos, sin)
+    # BEGIN EXERCISE mla-compress
     # 3. up-projection of the latent: kv = c Wkv_b^T, per head [k_nope (Dn) | v (Dv)]
     kv, up_cache = linear_forward(c, p["wkv_b"])                             # [B, T, H(Dn+Dv)]
     kv = kv.reshape(B, T, H, Dn + Dv)                                        # [B, T, H, Dn+Dv]
@@ -233,6 +246,7 @@ def mla_forward(x: np.ndarray, p: dict, cfg, start_pos: int = 0):
     q = np.concatenate([q_nope, q_pe], axis=-1)                              # [B, T, H, Dn+Dr]
     k = np.concatenate([k_nope, np.broadcast_to(k_pe[:, :, None, :], (B, T, H, Dr))],
                        axis=-1)                                              # [B, T, H, Dn+Dr]
+    # END EXERCISE
     # 5. causal attention, scale (Dn+Dr)^(-1/2) [* YaRN m^2]
     o, attn_cache = sdpa_forward(q, k, v, softmax_scale(cfg), causal=True)  # [B, T, H, Dv]
     # 6. output projection
@@ -331,6 +345,7 @@ def _attend_absorbed(q_nope, q_pe, kv, pe, W_UK, W_UV, scale, start):
     q_nope [B, T, H, Dn], q_pe [B, T, H, Dr], kv [B, S, Dc], pe [B, S, Dr] -> o [B, T, H, Dv].
     Query t is at absolute position start + t and sees keys u <= start + t.
     """
+    # BEGIN EXERCISE mla-absorbed
     B, T, H, _ = q_nope.shape
     S, Dc = kv.shape[1], kv.shape[2]
     # a. absorb W_UK into the query: q~[t,h] = W_UK[h]^T q_nope[t,h]
@@ -348,6 +363,7 @@ def _attend_absorbed(q_nope, q_pe, kv, pe, W_UK, W_UV, scale, start):
     # e. W_UV on the output side: o[t,h] = W_UV[h] o_lat[t,h]
     o = np.matmul(o_lat, W_UV.transpose(0, 2, 1))                            # [B, H, T, Dv]
     return o.transpose(0, 2, 1, 3)                                           # [B, T, H, Dv]
+    # END EXERCISE
 
 
 def _attend_naive(q, k, v, scale, start):

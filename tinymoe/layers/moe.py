@@ -36,6 +36,10 @@ import numpy as np
 from tinymoe.checks import check_float, check_same_dtype, check_shape
 from tinymoe.kernels.moe import moe_combine, moe_combine_backward, moe_gather, moe_sort
 from tinymoe.layers.basic import swiglu_backward, swiglu_forward
+# The fused twins of the experts' SwiGLU (tinymoe/kernels/swiglu.py): same arguments, same caches,
+# and the plain functions above for float64 or under TINYMOE_BACKEND=numpy.
+from tinymoe.kernels.swiglu import swiglu_backward_fused as swiglu_backward  # noqa: E402,F811
+from tinymoe.kernels.swiglu import swiglu_forward_fused as swiglu_forward  # noqa: E402,F811
 from tinymoe.layers.router import (RouterCache, expert_balance_backward, expert_balance_forward,
                                    router_backward, router_forward, seq_balance_backward,
                                    seq_balance_forward, update_bias, z_loss_backward,

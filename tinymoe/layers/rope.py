@@ -108,12 +108,14 @@ def rope_forward(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     if x.ndim < 3 or x.shape[1] != cos.shape[0] or x.shape[-1] != 2 * cos.shape[1]:
         raise ValueError(f"x: expected [B, T={cos.shape[0]}, ..., Dr={2 * cos.shape[1]}], "
                          f"got {list(x.shape)}")
+    # BEGIN EXERCISE rope
     c, s = _broadcast(cos, x), _broadcast(sin, x)
     x0, x1 = x[..., 0::2], x[..., 1::2]                            # [B, T, ..., Dr/2] each
     y = np.empty_like(x)                                           # [B, T, ..., Dr]
     y[..., 0::2] = x0 * c - x1 * s
     y[..., 1::2] = x0 * s + x1 * c
     return y
+    # END EXERCISE
 
 
 def rope_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -121,5 +123,7 @@ def rope_backward(dy: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarra
 
     Each 2x2 block R = [[c, -s], [s, c]] is orthogonal, so its transpose is the rotation by -phi.
     """
+    # BEGIN EXERCISE rope
     # forward: y = R(phi) x
     return rope_forward(dy, cos, -sin)
+    # END EXERCISE

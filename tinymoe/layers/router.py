@@ -120,6 +120,7 @@ def router_forward(x: np.ndarray, gate_w: np.ndarray, bias: np.ndarray, cfg):
         bad = int(np.sum(~np.all(np.isfinite(logits), axis=1)))
         raise ValueError(f"router logits: {bad} of {N} tokens have NaN or inf logits "
                          f"(x or gate_w is non-finite or overflowed)")
+    # BEGIN EXERCISE router-forward
     # 2. unbiased affinities
     if cfg.score_func == "sigmoid":
         scores = sigmoid(logits)                                        # [N, E]
@@ -152,6 +153,7 @@ def router_forward(x: np.ndarray, gate_w: np.ndarray, bias: np.ndarray, cfg):
         w = raw / denom                                                 # [N, K]
     # 8. scale
     weights = (w * cfg.route_scale).astype(x.dtype, copy=False)         # [N, K]
+    # END EXERCISE
     cache = RouterCache(x, gate_w, logits, scores, sel, group_mask, indices, raw, denom, weights,
                         cfg.score_func, float(cfg.route_scale))
     return weights, indices, cache
@@ -167,6 +169,7 @@ def router_backward(dweights: np.ndarray, cache: RouterCache, dscores: Optional[
     x, gate_w, logits, s, _, _, idx, raw, denom, _, score_func, rho = cache
     N, E = s.shape
     check_shape("dweights", dweights, idx.shape)
+    # BEGIN EXERCISE router-backward
     # 8. forward: weights = rho * w
     dw = rho * dweights                                                 # [N, K]
     # 7. forward: w = raw / denom   (dw/draw_k = (d_k - sum_j d_j w_j) / denom)
@@ -194,6 +197,7 @@ def router_backward(dweights: np.ndarray, cache: RouterCache, dscores: Optional[
     dx = dz @ gate_w                                                    # [N, D]
     dgate_w = dz.T @ x                                                  # [E, D]
     return dx, dgate_w
+    # END EXERCISE
 
 
 # ================================================================================================
@@ -239,6 +243,7 @@ def seq_balance_forward(scores: np.ndarray, indices: np.ndarray, seq_len: int):
 def seq_balance_backward(dloss: float, cache: BalanceCache) -> np.ndarray:
     """dL -> dscores [N, E] (f is a constant; gradient only through P)."""
     f, sn, ssum, T, dtype = cache
+    # BEGIN EXERCISE balance-backward
     N, E = sn.shape
     B = N // T
     # 3. forward: L = sum(f * P) / B ;  2. forward: P = mean_t s'
@@ -246,6 +251,7 @@ def seq_balance_backward(dloss: float, cache: BalanceCache) -> np.ndarray:
     # 2. forward: s' = s / sum_j s
     ds = (dsn - np.sum(dsn * sn, axis=1, keepdims=True)) / ssum         # [N, E]
     return ds.astype(dtype, copy=False)
+    # END EXERCISE
 
 
 def expert_balance_forward(scores: np.ndarray, indices: np.ndarray):
@@ -301,9 +307,11 @@ def update_bias(bias: np.ndarray, load: np.ndarray, gamma: float) -> np.ndarray:
     check_shape("load", load, bias.shape)
     if not (np.isfinite(gamma) and gamma >= 0):
         raise ValueError(f"gamma = {gamma!r}: must be a non-negative finite number")
+    # BEGIN EXERCISE bias-update
     c = load.astype(np.float64)
     step = np.sign(c.mean() - c)                                        # [E] in {-1, 0, +1}
     return (bias + gamma * step).astype(bias.dtype)
+    # END EXERCISE
 
 
 # ================================================================================================

@@ -1,0 +1,209 @@
+"""Thread policy: how many threads numpy's BLAS and numba's parallel kernels use, per training step.
+
+On a 2-core machine the matrices of a small model are too small for BLAS threading to pay off
+when a core is taken: OpenBLAS's worker threads spin waiting for a core another process holds,
+and a step that takes 0.1 s alone took 7 s beside a test run. So the default policy ("auto")
+re-decides before every forward pass (`adapt()`, called by Model.forward_train):
+
+    others = CPU time used by other processes since the last decision, in cores
+             (/proc/stat's busy time minus this process's own, over the wall time)
+    threads = clamp(floor(cores available to this process - others + 0.1), 1, cores)
+
+so a quiet machine uses every core, and one competing CPU-bound process (or any load of more
+than a tenth of a core) takes the step down to the whole cores that are left. The first decision uses the 1-minute load average. The count changes
+only between steps, and a step's results do not depend on it (the numba kernels split rows
+across threads without changing any sum's order, OpenBLAS's products split the output;
+tests/test_fused.py checks a training step at 1 and 2 threads bit for bit).
+
+Overrides, in this order (a fixed count is never changed by `adapt`):
+
+    TINYMOE_THREADS=N          BLAS and numba both use N threads ("auto": the default policy)
+    OPENBLAS_NUM_THREADS=N     (or OMP_NUM_THREADS) BLAS keeps the N it started with
+    NUMBA_NUM_THREADS=N        numba keeps the N it started with
+
+BLAS threads are set through OpenBLAS's own openblas_set_num_threads, found in the library
+numpy has already loaded (ctypes; no extra dependency). Where it is not found (another BLAS, or
+not Linux) the policy says so once (`status()`, and a RuntimeWarning) and leaves BLAS alone.
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import warnings
+from typing import Optional
+
+_SYMBOLS = ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+            "openblas_set_num_threads64_", "openblas_set_num_threads")
+
+_state = {"blas": None, "blas_name": None, "searched": False, "warned": False,
+          "last": None, "current": None}
+
+
+def _env_int(name: str) -> Optional[int]:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: must be a positive integer") from None
+    if n < 1:
+        raise ValueError(f"{name}={raw!r}: must be a positive integer")
+    return n
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def _find_blas():
+    """The set_num_threads function of the OpenBLAS numpy loaded, or None (searched once)."""
+    if _state["searched"]:
+        return _state["blas"]
+    _state["searched"] = True
+    import numpy  # noqa: F401  (loads the BLAS)
+    paths = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                name = line.rsplit(None, 1)[-1]
+                if "openblas" in name.lower() and name not in paths:
+                    paths.append(name)
+    except OSError:
+        pass
+    for path in paths:
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for sym in _SYMBOLS:
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn.argtypes, fn.restype = [ctypes.c_int], None
+                get = getattr(lib, sym.replace("set_", "get_"), None)
+                if get is not None:
+                    get.argtypes, get.restype = [], ctypes.c_int
+                _state["blas"], _state["blas_get"] = fn, get
+                _state["blas_name"] = f"{os.path.basename(path)}:{sym}"
+                return fn
+    return None
+
+
+def set_blas_threads(n: int) -> bool:
+    """Set OpenBLAS's thread count; False (with one RuntimeWarning) if it cannot be set."""
+    fn = _find_blas()
+    if fn is None:
+        if not _state["warned"]:
+            _state["warned"] = True
+            warnings.warn("tinymoe.threads: numpy's BLAS is not an OpenBLAS this module can find "
+                          "(openblas_set_num_threads); BLAS threads are left as they are",
+                          RuntimeWarning, stacklevel=2)
+        return False
+    fn(int(n))
+    return True
+
+
+def get_blas_threads() -> Optional[int]:
+    """OpenBLAS's current thread count, or None where it cannot be read."""
+    _find_blas()
+    get = _state.get("blas_get")
+    return int(get()) if get is not None else None
+
+
+def reset() -> None:
+    """Forget the last decision: the next adapt() applies the policy (and the environment) anew."""
+    _state["last"] = _state["current"] = None
+
+
+def set_numba_threads(n: int) -> None:
+    """Set numba's thread count for the parallel kernels (at most NUMBA_NUM_THREADS)."""
+    from tinymoe.kernels import numba_module
+    numba = numba_module()
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
+def mode() -> str:
+    """"fixed" when the environment pins a thread count (see the module docstring), else "auto"."""
+    raw = os.environ.get("TINYMOE_THREADS", "auto").strip().lower()
+    if raw not in ("", "auto"):
+        _env_int("TINYMOE_THREADS")
+        return "fixed"
+    if any(os.environ.get(v) for v in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")):
+        return "fixed"
+    return "auto"
+
+
+def _cpu_sample():
+    """(wall seconds, busy CPU seconds of the machine, CPU seconds of this process)."""
+    import time
+    with open("/proc/stat") as f:
+        fields = f.readline().split()[1:]
+    ticks = [int(v) for v in fields]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)          # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK")
+    t = os.times()
+    return time.monotonic(), (sum(ticks[:8]) - idle) / hz, t.user + t.system
+
+
+SLACK = 0.1        # cores of other load tolerated before giving up a thread
+
+
+def decide(others: float, cores: int) -> int:
+    """Threads for the next step: the whole cores `others` busy cores leave free, in [1, cores].
+
+    Conservative on purpose: a thread more gains at most ~1.2x on this model's small matrices,
+    a thread that must wait for a busy core can cost 5x, so any load above SLACK cores gives up
+    the core it touches (others = 0.3 on 2 cores: 1 thread).
+    """
+    return int(max(1, min(cores, math.floor(cores - others + SLACK))))
+
+
+def adapt() -> int:
+    """Re-decide the thread count (auto mode) and apply it; returns the count in force."""
+    cores = available_cores()
+    if mode() == "fixed":
+        if _state["current"] is None:                 # decided once: the count the user chose
+            forced = os.environ.get("TINYMOE_THREADS", "auto").strip().lower() not in ("", "auto")
+            n = _env_int("TINYMOE_THREADS") if forced else None
+            if n is not None:
+                set_blas_threads(n)
+            n = n or _env_int("OPENBLAS_NUM_THREADS") or _env_int("OMP_NUM_THREADS")
+            if not os.environ.get("NUMBA_NUM_THREADS"):
+                set_numba_threads(n)                  # numba follows the BLAS count
+            _state["current"] = n
+        return _state["current"]
+    try:
+        sample = _cpu_sample()
+    except (OSError, ValueError, IndexError):
+        sample = None
+    last, _state["last"] = _state["last"], sample
+    if sample is not None and last is not None and sample[0] - last[0] > 0.02:
+        wall = sample[0] - last[0]
+        others = max(0.0, (sample[1] - last[1]) - (sample[2] - last[2])) / wall
+    elif _state["current"] is None:
+        try:
+            others = os.getloadavg()[0]
+        except (AttributeError, OSError):
+            others = 0.0
+    else:
+        return _state["current"]                       # too short a window: keep the count
+    n = decide(others, cores)
+    if n != _state["current"]:
+        set_blas_threads(n)
+        if not os.environ.get("NUMBA_NUM_THREADS"):
+            set_numba_threads(n)
+        _state["current"] = n
+    return n
+
+
+def status() -> str:
+    """One line: the policy, the thread count in force and how BLAS threads are controlled."""
+    _find_blas()
+    blas = _state["blas_name"] or "not found (BLAS threads left alone)"
+    return (f"threads: {mode()} policy, {_state['current'] or 'not yet decided'} in force, "
+            f"{available_cores()} cores; BLAS control {blas}")
