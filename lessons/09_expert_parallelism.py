@@ -214,7 +214,7 @@ for j, n in enumerate(names):
 ax.axvline(4.5, color="k", ls="--", lw=0.8)
 ax.text(4.6, 60, "V3 limit:\n<= 4 nodes", fontsize=8)
 ax.set(xlabel="distinct nodes a token's 8 experts live on", ylabel="% of held-out tokens",
-       title=f"(a) nodes per token (8 nodes of 4 experts, top-8)", xlim=(0.4, G + 0.6))
+       title="(a) nodes per token (8 nodes of 4 experts, top-8)", xlim=(0.4, G + 0.6))
 ax.legend(fontsize=8)
 ax = axs[0, 1]
 kb = [cost(results[n][s0])["ib_bytes"] / 1e3 for n in names]

@@ -45,7 +45,7 @@ EXERCISES: Tuple[Exercise, ...] = (
         "(r = 1/sqrt(mean(x^2) + eps) reaches y directly and through the mean of squares).\n"
         "Shapes: dy, x [..., D], r [..., 1], w [D] -> dx [..., D], dw [D]. Zhang & Sennrich 2019; "
         "DeepSeek-V2 3.1.2.", "01_backprop",
-        twins=("tinymoe/kernels/norm.py: _rmsnorm_backward_numpy", "tinymoe/kernels/norm.py: _rmsnorm_backward_loops")),
+        twins=("tinymoe/kernels/norm.py: _rmsnorm_backward_loops",)),
     Exercise(
         "cross-entropy-backward", "softmax and cross-entropy backward (with ignore index)",
         ("tinymoe/layers/basic.py: softmax_backward", "tinymoe/layers/basic.py: cross_entropy_backward"),
