@@ -22,6 +22,7 @@ import sys
 import time
 
 B, T = 8, 128
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 THREAD_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
                "TINYMOE_THREADS")
 
@@ -64,6 +65,7 @@ def torch_worker(threads: str, repeats: int) -> dict:
 def _run(cmd: list, env: dict) -> dict:
     full = {k: v for k, v in os.environ.items() if k not in THREAD_VARS}
     full.update(env)
+    full["PYTHONPATH"] = os.pathsep.join(p for p in (REPO, full.get("PYTHONPATH")) if p)
     out = subprocess.run(cmd, env=full, capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"bench_torch: {' '.join(cmd[:4])}... failed:\n{out.stderr[-1500:]}")
@@ -89,10 +91,10 @@ def main():
     ap.add_argument("--no-busy", action="store_true", help="skip the busy-machine rows")
     ap.add_argument("--worker", nargs=2, metavar=("THREADS", "REPEATS"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    sys.path.insert(0, REPO)
     if args.worker:
         print(json.dumps(torch_worker(args.worker[0], int(args.worker[1]))))
         return
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     from tinymoe.bench._timing import Competitor
 
     loads = ["quiet"] + ([] if args.no_busy else ["busy"])

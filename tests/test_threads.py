@@ -81,3 +81,48 @@ def test_blas_user_setting_is_left_alone():
                          env=dict(env, OPENBLAS_NUM_THREADS="1"), check=True)
     n, blas, nb, mode = out.stdout.split()
     assert (n, nb, mode) == ("1", "1", "fixed") and blas in ("1", "None")
+
+
+def _scripted(clean_env, samples):
+    """Feed adapt() these (wall, machine busy, own CPU) samples on 2 cores; record what it sets."""
+    it = iter(samples)
+    clean_env.setattr(threads, "_cpu_sample", lambda: next(it))
+    clean_env.setattr(threads, "available_cores", lambda: 2)
+    clean_env.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    applied = []
+    clean_env.setattr(threads, "set_blas_threads", lambda n: applied.append(n) or True)
+    clean_env.setattr(threads, "set_numba_threads", lambda n: None)
+    threads.reset()
+    return applied
+
+
+def test_auto_decides_over_half_a_second_not_one_step(clean_env):
+    # steps of 0.13 s on 2 cores, our process busy on both (0.26 s CPU per step); another
+    # process shows one stray 2-tick burst (0.02 s) in the second step. Over that step alone it
+    # reads 0.15 cores, which would drop a thread; over the 0.5 s window it is 0.04: keep 2
+    samples, busy, own = [], 0.0, 0.0
+    for i in range(9):
+        samples.append((0.13 * i, busy, own))
+        busy += 0.26 + (0.02 if i == 1 else 0.0)
+        own += 0.26
+    applied = _scripted(clean_env, samples)
+    seen, decide = [], threads.decide
+    clean_env.setattr(threads, "decide", lambda others, cores: seen.append(others) or
+                      decide(others, cores))
+    counts = [threads.adapt() for _ in samples]
+    assert counts == [2] * 9 and applied == [2]          # first from the load average, then kept
+    # decisions at 0 s (load average), 0.52 s and 1.04 s only: the short calls in between never
+    # restart the window, so the one at 0.52 s saw the burst spread over all four steps
+    assert seen[0] == 0.0 and len(seen) == 3
+    assert seen[1] == pytest.approx(0.02 / 0.52) and seen[2] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_auto_drops_a_thread_within_the_window_when_a_competitor_starts(clean_env):
+    # quiet for 0.6 s, then a busy loop takes one core: our process gets 1 core of CPU
+    samples = [(0.0, 0.0, 0.0), (0.6, 1.2, 1.2), (0.8, 1.6, 1.4), (1.2, 2.4, 1.8)]
+    applied = _scripted(clean_env, samples)
+    assert threads.adapt() == 2                          # load average 0: both cores
+    assert threads.adapt() == 2                          # 0.6 s quiet window: others = 0
+    assert threads.adapt() == 2                          # 0.2 s: too short to judge, keep
+    assert threads.adapt() == 1                          # 0.6 s window: others = 1.0 core
+    assert applied == [2, 1]

@@ -3,17 +3,23 @@
 On a 2-core machine the matrices of a small model are too small for BLAS threading to pay off
 when a core is taken: OpenBLAS's worker threads spin waiting for a core another process holds,
 and a step that takes 0.1 s alone took 7 s beside a test run. So the default policy ("auto")
-re-decides before every forward pass (`adapt()`, called by Model.forward_train):
+re-decides at the first forward pass (`adapt()`, called by Model.forward_train) once WINDOW =
+0.5 s have passed since the last decision:
 
     others = CPU time used by other processes since the last decision, in cores
              (/proc/stat's busy time minus this process's own, over the wall time)
     threads = clamp(floor(cores available to this process - others + 0.1), 1, cores)
 
 so a quiet machine uses every core, and one competing CPU-bound process (or any load of more
-than a tenth of a core) takes the step down to the whole cores that are left. The first decision uses the 1-minute load average. The count changes
-only between steps, and a step's results do not depend on it (the numba kernels split rows
-across threads without changing any sum's order, OpenBLAS's products split the output;
-tests/test_fused.py checks a training step at 1 and 2 threads bit for bit).
+than a tenth of a core) takes the step down to the whole cores that are left. The first
+decision uses the 1-minute load average. Why a half-second window: both CPU counters advance in
+clock ticks (10 ms), so over one 0.13 s step a single stray tick of another process reads as
+0.08 cores and two as 0.15, which dropped a quiet machine to one thread on about one step in
+ten; over 0.5 s that noise stays below 0.04 cores, and a competitor that starts is seen within
+half a second (or one step, if a step takes longer). The count changes only between steps,
+and a step's results do not depend on it (the numba kernels split rows across threads without
+changing any sum's order, OpenBLAS's products split the output; tests/test_fused.py checks a
+training step at 1 and 2 threads bit for bit).
 
 Overrides, in this order (a fixed count is never changed by `adapt`):
 
@@ -151,6 +157,7 @@ def _cpu_sample():
 
 
 SLACK = 0.1        # cores of other load tolerated before giving up a thread
+WINDOW = 0.5       # seconds of CPU accounting behind each decision
 
 
 def decide(others: float, cores: int) -> int:
@@ -181,8 +188,8 @@ def adapt() -> int:
         sample = _cpu_sample()
     except (OSError, ValueError, IndexError):
         sample = None
-    last, _state["last"] = _state["last"], sample
-    if sample is not None and last is not None and sample[0] - last[0] > 0.02:
+    last = _state["last"]
+    if sample is not None and last is not None and sample[0] - last[0] >= WINDOW:
         wall = sample[0] - last[0]
         others = max(0.0, (sample[1] - last[1]) - (sample[2] - last[2])) / wall
     elif _state["current"] is None:
@@ -191,7 +198,8 @@ def adapt() -> int:
         except (AttributeError, OSError):
             others = 0.0
     else:
-        return _state["current"]                       # too short a window: keep the count
+        return _state["current"]                       # window still short: keep the count
+    _state["last"] = sample
     n = decide(others, cores)
     if n != _state["current"]:
         set_blas_threads(n)
