@@ -88,7 +88,7 @@ def _scripted(clean_env, samples):
     it = iter(samples)
     clean_env.setattr(threads, "_cpu_sample", lambda: next(it))
     clean_env.setattr(threads, "available_cores", lambda: 2)
-    clean_env.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    clean_env.setattr(threads, "_runnable_now", lambda: 0)       # no other process
     applied = []
     clean_env.setattr(threads, "set_blas_threads", lambda n: applied.append(n) or True)
     clean_env.setattr(threads, "set_numba_threads", lambda n: None)
@@ -110,8 +110,8 @@ def test_auto_decides_over_half_a_second_not_one_step(clean_env):
     clean_env.setattr(threads, "decide", lambda others, cores: seen.append(others) or
                       decide(others, cores))
     counts = [threads.adapt() for _ in samples]
-    assert counts == [2] * 9 and applied == [2]          # first from the load average, then kept
-    # decisions at 0 s (load average), 0.52 s and 1.04 s only: the short calls in between never
+    assert counts == [2] * 9 and applied == [2]          # first from the runnable count, then kept
+    # decisions at 0 s (runnable count), 0.52 s and 1.04 s only: the short calls in between never
     # restart the window, so the one at 0.52 s saw the burst spread over all four steps
     assert seen[0] == 0.0 and len(seen) == 3
     assert seen[1] == pytest.approx(0.02 / 0.52) and seen[2] == pytest.approx(0.0, abs=1e-12)
@@ -121,8 +121,33 @@ def test_auto_drops_a_thread_within_the_window_when_a_competitor_starts(clean_en
     # quiet for 0.6 s, then a busy loop takes one core: our process gets 1 core of CPU
     samples = [(0.0, 0.0, 0.0), (0.6, 1.2, 1.2), (0.8, 1.6, 1.4), (1.2, 2.4, 1.8)]
     applied = _scripted(clean_env, samples)
-    assert threads.adapt() == 2                          # load average 0: both cores
+    assert threads.adapt() == 2                          # nothing else runnable: both cores
     assert threads.adapt() == 2                          # 0.6 s quiet window: others = 0
     assert threads.adapt() == 2                          # 0.2 s: too short to judge, keep
     assert threads.adapt() == 1                          # 0.6 s window: others = 1.0 core
     assert applied == [2, 1]
+
+
+def test_first_decision_counts_tasks_runnable_now(clean_env):
+    # a competitor is runnable in every reading, a kernel thread's blip in one: the fewest count
+    readings = iter([2, 1, 1, 3, 1])
+    clean_env.setattr(threads, "_runnable_now", lambda: next(readings))
+    assert threads.runnable_others(gap=0.0) == 1.0
+    readings = iter([0, 1, 0, 0, 2])                     # blips only: nothing else wants a core
+    assert threads.runnable_others(gap=0.0) == 0.0
+
+
+def test_runnable_count_sees_a_competitor_not_our_own_spinning_threads():
+    import numpy as np
+    a = np.ones((512, 512), dtype=np.float32)
+    a @ a                                                # BLAS workers may now spin (state R)
+    quiet = threads.runnable_others()
+    loop = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        import time
+        time.sleep(0.3)
+        busy = threads.runnable_others()
+    finally:
+        loop.kill()
+        loop.wait()
+    assert busy >= 1.0 and busy >= quiet + 1.0          # the busy loop is in every reading

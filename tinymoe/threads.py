@@ -12,7 +12,10 @@ re-decides at the first forward pass (`adapt()`, called by Model.forward_train) 
 
 so a quiet machine uses every core, and one competing CPU-bound process (or any load of more
 than a tenth of a core) takes the step down to the whole cores that are left. The first
-decision uses the 1-minute load average. Why a half-second window: both CPU counters advance in
+decision, with no window behind it yet, counts other processes' tasks runnable right now (the
+fewest in five readings of /proc/loadavg 2 ms apart, less this process's own running threads),
+not the 1-minute load average, which still
+counts a job that ended seconds ago and so started the next run on one thread. Why a half-second window: both CPU counters advance in
 clock ticks (10 ms), so over one 0.13 s step a single stray tick of another process reads as
 0.08 cores and two as 0.15, which dropped a quiet machine to one thread on about one step in
 ten; over 0.5 s that noise stays below 0.04 cores, and a competitor that starts is seen within
@@ -156,6 +159,41 @@ def _cpu_sample():
     return time.monotonic(), (sum(ticks[:8]) - idle) / hz, t.user + t.system
 
 
+def _runnable_now() -> int:
+    """Runnable tasks of OTHER processes at this instant: /proc/loadavg's count of runnable
+    tasks machine-wide minus this process's threads in state R (/proc/self/task/*/stat), which
+    include BLAS worker threads that spin for a while after a product."""
+    with open("/proc/loadavg") as f:
+        total = int(f.read().split()[3].split("/")[0])
+    own = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                own += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except OSError:                               # a thread that just ended
+            continue
+    return total - own
+
+
+def runnable_others(samples: int = 5, gap: float = 0.002) -> float:
+    """Tasks of other processes that want a core right now: the fewest in `samples` readings
+    `gap` seconds apart (a CPU-bound competitor is in every reading, a kernel thread's blip is
+    not). Where /proc is missing, the 1-minute load average."""
+    import time
+    try:
+        seen = []
+        for i in range(samples):
+            if i:
+                time.sleep(gap)
+            seen.append(_runnable_now())
+        return float(max(0, min(seen)))
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except (AttributeError, OSError):
+            return 0.0
+
+
 SLACK = 0.1        # cores of other load tolerated before giving up a thread
 WINDOW = 0.5       # seconds of CPU accounting behind each decision
 
@@ -193,10 +231,7 @@ def adapt() -> int:
         wall = sample[0] - last[0]
         others = max(0.0, (sample[1] - last[1]) - (sample[2] - last[2])) / wall
     elif _state["current"] is None:
-        try:
-            others = os.getloadavg()[0]
-        except (AttributeError, OSError):
-            others = 0.0
+        others = runnable_others()
     else:
         return _state["current"]                       # window still short: keep the count
     _state["last"] = sample
