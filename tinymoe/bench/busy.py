@@ -54,6 +54,6 @@ def run(quick: bool) -> List[str]:
         t = float(np.median([r["step_s"] for r in rs]))
         used = "/".join(sorted({str(r["threads"]) for r in rs}))
         lines.append(f"{load:>6} {name:>9} {used:>9} {1e3 * t:>8.1f} {t / base:>5.2f}x")
-    lines.append("default = tinymoe.threads' auto policy: before every step it counts the cores "
-                 "other processes used since the last step and takes the rest (at least 1)")
+    lines.append("default = tinymoe.threads' auto policy: every half second it counts the cores "
+                 "other processes used since its last decision and takes the rest (at least 1)")
     return lines
