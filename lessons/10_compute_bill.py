@@ -379,17 +379,19 @@ A.plot_load_over_training(T0["MoE"]["loads"], L.path("expert_load.png"),
 #   has only learned that the answer is one of the 128 symbols, ln 128 = 4.85: 4.90 vs ln 192 =
 #   5.26; full mode 0.2-3.3).
 #
-# What the calibration runs gave (seeds 0 / 1 / 2 / 3 / 4, 2000 steps of 256 facts):
-# * final training loss (50-step mean): dense 3.29 / 3.16 / 3.22 / 3.26 / 3.18, MoE 1.51 / 1.58 /
-#   1.48 / 1.26 / 1.39, dense-big 0.39 / 0.22 / 0.21 / 0.30 / 0.29 nats (uniform guess over the 128 symbols ln 128 =
-#   4.85); FLOPs per token 91.1K / 97.0K / 349.1K; MoE held-out MaxVio 0.10-0.20.
-# * MoE FLOPs to reach the dense model's final loss / dense FLOPs: 0.527 / 0.551 / 0.532 / 0.500 /
-#   0.512 (worst 21 % under 0.7). In seconds of steps: 1.26 / 0.83 / 0.59 / 0.76 / 0.71 (seed 0
-#   rerun twice: 1.16, 0.62); it swings with the load of the shared machine: not claimed.
-# * MoE FLOPs / FLOPs dense-big needs to reach the MoE's final loss: 0.452 / 0.496 / 0.483 /
-#   0.436 / 0.450 (worst 38 % under 0.8). Dense-big ends far lower: at equal total parameters the
+# What the calibration runs gave (seeds 0 / 1 / 2 / 3 / 4, 2000 steps of 256 facts; rerun after
+# the MoE layer began running small experts as one padded stack, tinymoe/kernels/experts.py):
+# * final training loss (50-step mean): dense 3.29 / 3.16 / 3.17 / 3.21 / 3.17, MoE 1.65 / 1.77 /
+#   1.53 / 1.27 / 1.33, dense-big 0.39 / 0.23 / 0.21 / 0.30 / 0.30 nats (uniform guess over the
+#   128 symbols ln 128 = 4.85); FLOPs per token 91.1K / 97.0K / 349.1K; MoE held-out MaxVio
+#   0.09-0.18.
+# * MoE FLOPs to reach the dense model's final loss / dense FLOPs: 0.553 / 0.576 / 0.554 / 0.513 /
+#   0.501 (worst 18 % under 0.7). In seconds of steps: 0.78 / 0.72 / 0.76 / 0.80 / 0.62; it
+#   swings with the load of the machine: not claimed.
+# * MoE FLOPs / FLOPs dense-big needs to reach the MoE's final loss: 0.470 / 0.526 / 0.491 /
+#   0.438 / 0.443 (worst 34 % under 0.8). Dense-big ends far lower: at equal total parameters the
 #   dense model still learns more per step, and the MoE wins only per FLOP.
-# * Full mode: 49-65 s of CPU per seed (wall 160-290 s on the shared, loaded machine).
+# * Full mode: 35 s per seed on 2 cores (quiet machine).
 # * V3 (no training, every seed): 250.5 GFLOP per token, 387 TFLOP/s sustained = 39.1 % of the
 #   BF16 peak and 19.5 % of FP8; context extension 245 TFLOP/s; a dense 671B would need 16.2 x
 #   the FLOPs, 43.1M GPU hours (USD 86M) at the same rate.

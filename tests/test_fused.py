@@ -321,6 +321,75 @@ def test_fused_adamw_is_bitwise_the_plain_update(rng, monkeypatch):
     assert not np.array_equal(runs["numba"][0]["a.w"], params["a.w"])
 
 
+# ------------------------------------------------------------------------------------------------
+# MoE experts as one padded stack (tinymoe/kernels/experts.py)
+# ------------------------------------------------------------------------------------------------
+
+def _experts_by_loop(xs, offsets, w1, w2, w3, dys):
+    """The per-expert loop of moe_forward/moe_backward, written out with the plain SwiGLU."""
+    ys, dxs = np.zeros_like(xs), np.zeros_like(xs)
+    g1, g2, g3 = np.zeros_like(w1), np.zeros_like(w2), np.zeros_like(w3)
+    for e in range(w1.shape[0]):
+        a, b = offsets[e], offsets[e + 1]
+        if a < b:
+            ys[a:b], c = swiglu_forward(xs[a:b], w1[e], w2[e], w3[e])
+            dxs[a:b], g1[e], g2[e], g3[e] = swiglu_backward(dys[a:b], c)
+    return ys, dxs, g1, g2, g3
+
+
+@pytest.mark.parametrize("dtype", [np.float64, F32])
+def test_padded_experts_equal_the_per_expert_loop(rng, dtype, tol):
+    from tinymoe.kernels.experts import experts_backward_batched, experts_forward_batched
+    E, F, D = 6, 3, 8
+    loads = np.array([5, 0, 1, 7, 2, 0])          # unequal, two experts without rows, last empty
+    offsets = np.concatenate([[0], np.cumsum(loads)])
+    M = int(offsets[-1])
+    xs, dys = (rng.standard_normal((M, D)).astype(dtype) for _ in range(2))
+    w1, w3 = (rng.standard_normal((E, F, D)).astype(dtype) for _ in range(2))
+    w2 = rng.standard_normal((E, D, F)).astype(dtype)
+    ys, cache = experts_forward_batched(xs, offsets, w1, w2, w3)
+    got = (ys,) + experts_backward_batched(dys, cache)
+    want = _experts_by_loop(xs, offsets, w1, w2, w3, dys)
+    for name, a, b in zip(("ys", "dxs", "dw1", "dw2", "dw3"), got, want):
+        assert a.dtype == dtype and a.shape == b.shape, name
+        if dtype == np.float64:
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12, err_msg=name)
+        else:
+            close(a, b, tol)
+    for e in (1, 5):                              # no rows: exactly zero gradients
+        assert not np.any(got[2][e]) and not np.any(got[3][e]) and not np.any(got[4][e])
+
+
+def test_moe_layer_takes_the_padded_stack_only_for_small_float32_experts(rng, monkeypatch, tol):
+    from tinymoe.config import ModelConfig
+    from tinymoe.kernels.experts import ExpertsCache, use_batched
+    from tinymoe.layers.moe import init_moe_params, moe_backward, moe_forward
+    cfg = ModelConfig.preset("toy", n_routed_experts=16, n_activated_experts=4, n_expert_groups=1,
+                             n_limited_groups=1)
+    x = rng.standard_normal((24, cfg.dim)).astype(F32)
+    p = init_moe_params(cfg, rng, F32)
+    bias = np.zeros(cfg.n_routed_experts, F32)
+    dy = rng.standard_normal(x.shape).astype(F32)
+    y, _, c = moe_forward(x, p, bias, cfg, 8)
+    assert isinstance(c.experts, ExpertsCache)
+    dx, g = moe_backward(dy, c)
+    monkeypatch.setattr(kernels, "FUSED_KERNELS", False)    # the per-expert loop
+    y2, _, c2 = moe_forward(x, p, bias, cfg, 8)
+    assert isinstance(c2.experts, tuple)
+    dx2, g2 = moe_backward(dy, c2)
+    close(y, y2, tol)
+    close(dx, dx2, tol)
+    for k in g2:
+        close(g[k], g2[k], tol)
+    monkeypatch.setattr(kernels, "FUSED_KERNELS", True)
+    # float64 (gradient checks) and the bench preset's experts (128 rows x 64 x 128) keep the loop
+    off = np.array([0, 3, 5])
+    assert not use_batched(x[:5].astype(np.float64), off, np.zeros((2, 4, cfg.dim)))
+    big_rows, big_w = np.zeros((2048, 128), F32), np.zeros((16, 64, 128), F32)
+    assert not use_batched(big_rows, np.arange(0, 2049, 128), big_w)
+    assert use_batched(big_rows[:512, :32], np.arange(0, 513, 8), np.zeros((64, 1, 32), F32))
+
+
 def test_numpy_backend_runs_the_plain_functions(rng, monkeypatch):
     monkeypatch.setenv("TINYMOE_BACKEND", "numpy")
     x = rng.standard_normal((4, 6)).astype(F32)

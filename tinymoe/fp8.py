@@ -562,7 +562,9 @@ def fp8_linears(recipe: Recipe = V3_RECIPE):
 
     fp8_pair = {"linear": (lin_f, fp8_linear_backward)}
     fp8_pair["swiglu"] = swiglu_over(lin_f, fp8_linear_backward)
-    saved = []
+    from tinymoe.kernels import experts
+    saved = [(experts, "BATCHED", experts.BATCHED)]   # routed experts through the loop's SwiGLU
+    experts.BATCHED = False
     try:
         for modname, fwd_name, bwd_name in _TARGETS:
             mod = importlib.import_module(modname)

@@ -64,7 +64,7 @@ EXERCISES: Tuple[Exercise, ...] = (
         "dW2 = dy^T g, dg = dy W2; dh3 = dg * silu(h1); dh1 = dg * h3 * s (1 + h1 (1 - s)), "
         "s = sigmoid(h1);\ndW1 = dh1^T x, dW3 = dh3^T x, dx = dh1 W1 + dh3 W3. Shapes: x [N, D], "
         "h [N, F]. DeepSeek `MLP`.", "01_backprop",
-        twins=("tinymoe/kernels/swiglu.py: _swiglu_gate_backward_numpy", "tinymoe/kernels/swiglu.py: _swiglu_gate_backward_loops", "tinymoe/kernels/swiglu.py: swiglu_backward_fused")),
+        twins=("tinymoe/kernels/swiglu.py: _swiglu_gate_backward_numpy", "tinymoe/kernels/swiglu.py: _swiglu_gate_backward_loops", "tinymoe/kernels/swiglu.py: swiglu_backward_fused", "tinymoe/kernels/experts.py: experts_backward_batched")),
     Exercise(
         "adamw", "the AdamW step",
         ("tinymoe/optim.py: AdamW.step",),

@@ -34,6 +34,8 @@ from typing import NamedTuple, Optional
 import numpy as np
 
 from tinymoe.checks import check_float, check_same_dtype, check_shape
+from tinymoe.kernels.experts import (ExpertsCache, experts_backward_batched,
+                                     experts_forward_batched, use_batched)
 from tinymoe.kernels.moe import moe_combine, moe_combine_backward, moe_gather, moe_sort
 from tinymoe.layers.basic import swiglu_backward, swiglu_forward
 # The fused twins of the experts' SwiGLU (tinymoe/kernels/swiglu.py): same arguments, same caches,
@@ -114,7 +116,7 @@ class MoECache(NamedTuple):
     tok: np.ndarray                  # [M]     token of each sorted row (order // K)
     w_s: np.ndarray                  # [M]     gate weight of each sorted row
     ys: np.ndarray                   # [M, D]  expert outputs (before the gate weight)
-    experts: tuple                   # E SwiGLUCache (None for an expert with no tokens)
+    experts: object                  #         E SwiGLUCache (None: no tokens) or one ExpertsCache
     shared: Optional[object]         #         SwiGLUCache of the shared expert (None if absent)
     load: np.ndarray                 # [E]     int64 assignments kept per expert
     dropped: int                     #         assignments dropped by capacity
@@ -168,16 +170,20 @@ def moe_forward(x: np.ndarray, p: dict, bias: np.ndarray, cfg, seq_len: int):
     w_s = weights.reshape(-1)[order]                                     # [M]
     xs = moe_gather(x, tok)                                              # [M, D]
     # 4. experts: one contiguous block each
-    ys = np.empty_like(xs)                                               # [M, D]
     w1, w2, w3 = p["experts.w1"], p["experts.w2"], p["experts.w3"]
-    caches = []
-    for e in range(E):
-        a, b = offsets[e], offsets[e + 1]
-        if a == b:
-            caches.append(None)                                          # no tokens: no work
-            continue
-        ys[a:b], c = swiglu_forward(xs[a:b], w1[e], w2[e], w3[e])        # [M_e, D]
-        caches.append(c)
+    if use_batched(xs, offsets, w1):         # many small experts: one padded stack (fused twin)
+        ys, caches = experts_forward_batched(xs, offsets, w1, w2, w3)   # [M, D]
+    else:
+        ys = np.empty_like(xs)                                           # [M, D]
+        caches = []
+        for e in range(E):
+            a, b = offsets[e], offsets[e + 1]
+            if a == b:
+                caches.append(None)                                      # no tokens: no work
+                continue
+            ys[a:b], c = swiglu_forward(xs[a:b], w1[e], w2[e], w3[e])    # [M_e, D]
+            caches.append(c)
+        caches = tuple(caches)
     # 5. combine: weighted scatter-add back to the tokens
     y = moe_combine(ys, w_s, pos, N, K)                                  # [N, D]
     # 6. shared expert (always on, weight 1)
@@ -197,7 +203,7 @@ def moe_forward(x: np.ndarray, p: dict, bias: np.ndarray, cfg, seq_len: int):
     aux_loss = float(sum(alpha * val for alpha, val, _ in aux.values()))
     load = np.diff(offsets).astype(np.int64)                             # [E] kept per expert
     cache = MoECache(x, rcache, indices, weights, rcache.scores, keep, order, pos, offsets, tok,
-                     w_s, ys, tuple(caches), shared, load, int(N * K - order.shape[0]), capacity,
+                     w_s, ys, caches, shared, load, int(N * K - order.shape[0]), capacity,
                      aux, {k: v.shape for k, v in p.items()}, x.dtype)
     return y, aux_loss, cache
 
@@ -222,16 +228,19 @@ def moe_backward(dy: np.ndarray, cache: MoECache, daux: float = 1.0):
     # 5. forward: y_r[t] = sum_k w[t,k] ys[pos[t*K+k]]
     dys, dw_s = moe_combine_backward(dy, cache.ys, cache.w_s, cache.tok)  # [M, D], [M]
     # 4. forward: ys[block_e] = SwiGLU_e(xs[block_e])   (an expert with no tokens: zero grads)
-    dxs = np.empty_like(dys)                                             # [M, D]
-    dw1 = np.zeros(cache.param_shapes["experts.w1"], dtype=cache.param_dtype)
-    dw2 = np.zeros(cache.param_shapes["experts.w2"], dtype=cache.param_dtype)
-    dw3 = np.zeros(cache.param_shapes["experts.w3"], dtype=cache.param_dtype)
-    offsets = cache.offsets
-    for e, c in enumerate(cache.experts):
-        if c is None:
-            continue
-        a, b = offsets[e], offsets[e + 1]
-        dxs[a:b], dw1[e], dw2[e], dw3[e] = swiglu_backward(dys[a:b], c)
+    if isinstance(cache.experts, ExpertsCache):                          # the padded stack
+        dxs, dw1, dw2, dw3 = experts_backward_batched(dys, cache.experts)
+    else:
+        dxs = np.empty_like(dys)                                         # [M, D]
+        dw1 = np.zeros(cache.param_shapes["experts.w1"], dtype=cache.param_dtype)
+        dw2 = np.zeros(cache.param_shapes["experts.w2"], dtype=cache.param_dtype)
+        dw3 = np.zeros(cache.param_shapes["experts.w3"], dtype=cache.param_dtype)
+        offsets = cache.offsets
+        for e, c in enumerate(cache.experts):
+            if c is None:
+                continue
+            a, b = offsets[e], offsets[e + 1]
+            dxs[a:b], dw1[e], dw2[e], dw3[e] = swiglu_backward(dys[a:b], c)
     grads["experts.w1"], grads["experts.w2"], grads["experts.w3"] = dw1, dw2, dw3
     # 3. forward: xs = x[tok]   (scatter-add back = the combine kernel with unit weights)
     dx = dx + moe_combine(dxs, np.ones(dxs.shape[0], dtype=dxs.dtype), cache.pos, N, K)
