@@ -10,19 +10,18 @@ re-decides at the first forward pass (`adapt()`, called by Model.forward_train) 
              (/proc/stat's busy time minus this process's own, over the wall time)
     threads = clamp(floor(cores available to this process - others + 0.1), 1, cores)
 
-so a quiet machine uses every core, and one competing CPU-bound process (or any load of more
-than a tenth of a core) takes the step down to the whole cores that are left. The first
-decision, with no window behind it yet, counts other processes' tasks runnable right now (the
-fewest in five readings of /proc/loadavg 2 ms apart, less this process's own running threads),
-not the 1-minute load average, which still
-counts a job that ended seconds ago and so started the next run on one thread. Why a half-second window: both CPU counters advance in
-clock ticks (10 ms), so over one 0.13 s step a single stray tick of another process reads as
-0.08 cores and two as 0.15, which dropped a quiet machine to one thread on about one step in
-ten; over 0.5 s that noise stays below 0.04 cores, and a competitor that starts is seen within
-half a second (or one step, if a step takes longer). The count changes only between steps,
-and a step's results do not depend on it (the numba kernels split rows across threads without
-changing any sum's order, OpenBLAS's products split the output; tests/test_fused.py checks a
-training step at 1 and 2 threads bit for bit).
+so a quiet machine uses every core, and one competing CPU-bound process (or any load of more than a
+tenth of a core) takes the step down to the whole cores that are left. The first decision, with no
+window behind it yet, counts other processes' tasks runnable right now (the fewest in five readings
+of /proc/loadavg 2 ms apart, less this process's own running threads), not the 1-minute load
+average, which still counts a job that ended seconds ago and so started the next run on one thread.
+Why a half-second window: both CPU counters advance in clock ticks (10 ms), so over one 0.13 s step
+a single stray tick of another process reads as 0.08 cores and two as 0.15, which dropped a quiet
+machine to one thread on about one step in ten; over 0.5 s that noise stays below 0.04 cores, and a
+competitor that starts is seen within half a second (or one step, if a step takes longer). The
+count changes only between steps, and a step's results do not depend on it (the numba kernels split
+rows across threads without changing any sum's order, OpenBLAS's products split the output;
+tests/test_fused.py checks a training step at 1 and 2 threads bit for bit).
 
 Overrides, in this order (a fixed count is never changed by `adapt`):
 
