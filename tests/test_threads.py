@@ -84,9 +84,11 @@ def test_blas_user_setting_is_left_alone():
 
 
 def _scripted(clean_env, samples):
-    """Feed adapt() these (wall, machine busy, own CPU) samples on 2 cores; record what it sets."""
-    it = iter(samples)
-    clean_env.setattr(threads, "_cpu_sample", lambda: next(it))
+    """Feed adapt() these (wall, machine busy, own CPU) samples on 2 cores, one wall time per
+    call (the CPU counters are read only when it decides); record what it sets."""
+    walls, by_wall = iter(s[0] for s in samples), {s[0]: s for s in samples}
+    clean_env.setattr(threads, "_clock", lambda: next(walls))
+    clean_env.setattr(threads, "_cpu_sample", lambda wall: by_wall[wall])
     clean_env.setattr(threads, "available_cores", lambda: 2)
     clean_env.setattr(threads, "_runnable_now", lambda: 0)       # no other process
     applied = []

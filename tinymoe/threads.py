@@ -146,16 +146,21 @@ def mode() -> str:
     return "auto"
 
 
-def _cpu_sample():
-    """(wall seconds, busy CPU seconds of the machine, CPU seconds of this process)."""
+def _clock() -> float:
+    """Wall seconds (monotonic): read first, so a call inside the window reads nothing else."""
     import time
+    return time.monotonic()
+
+
+def _cpu_sample(wall: float):
+    """(wall, busy CPU seconds of the machine, CPU seconds of this process)."""
     with open("/proc/stat") as f:
         fields = f.readline().split()[1:]
     ticks = [int(v) for v in fields]
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)          # idle + iowait
     hz = os.sysconf("SC_CLK_TCK")
     t = os.times()
-    return time.monotonic(), (sum(ticks[:8]) - idle) / hz, t.user + t.system
+    return wall, (sum(ticks[:8]) - idle) / hz, t.user + t.system
 
 
 def _runnable_now() -> int:
@@ -209,7 +214,6 @@ def decide(others: float, cores: int) -> int:
 
 def adapt() -> int:
     """Re-decide the thread count (auto mode) and apply it; returns the count in force."""
-    cores = available_cores()
     if mode() == "fixed":
         if _state["current"] is None:                 # decided once: the count the user chose
             forced = os.environ.get("TINYMOE_THREADS", "auto").strip().lower() not in ("", "auto")
@@ -221,20 +225,21 @@ def adapt() -> int:
                 set_numba_threads(n)                  # numba follows the BLAS count
             _state["current"] = n
         return _state["current"]
+    now, last = _clock(), _state["last"]
+    if _state["current"] is not None and (last is None or now - last[0] < WINDOW):
+        return _state["current"]                       # window still short: keep the count
     try:
-        sample = _cpu_sample()
+        sample = _cpu_sample(now)
     except (OSError, ValueError, IndexError):
         sample = None
-    last = _state["last"]
-    if sample is not None and last is not None and sample[0] - last[0] >= WINDOW:
-        wall = sample[0] - last[0]
-        others = max(0.0, (sample[1] - last[1]) - (sample[2] - last[2])) / wall
-    elif _state["current"] is None:
+    if _state["current"] is None:                      # first decision: no window behind it
         others = runnable_others()
+    elif sample is None:
+        return _state["current"]
     else:
-        return _state["current"]                       # window still short: keep the count
+        others = max(0.0, (sample[1] - last[1]) - (sample[2] - last[2])) / (now - last[0])
     _state["last"] = sample
-    n = decide(others, cores)
+    n = decide(others, available_cores())
     if n != _state["current"]:
         set_blas_threads(n)
         if not os.environ.get("NUMBA_NUM_THREADS"):
