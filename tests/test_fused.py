@@ -360,6 +360,20 @@ def test_padded_experts_equal_the_per_expert_loop(rng, dtype, tol):
         assert not np.any(got[2][e]) and not np.any(got[3][e]) and not np.any(got[4][e])
 
 
+def test_padded_experts_backward_passes_a_float64_gradient_check(rng):
+    from tinymoe.gradcheck import gradcheck
+    from tinymoe.kernels.experts import experts_backward_batched, experts_forward_batched
+    E, F, D = 4, 3, 5
+    offsets = np.array([0, 3, 3, 7, 8])            # loads 3, 0, 4, 1
+    inputs = {"xs": rng.standard_normal((8, D)), "w1": rng.standard_normal((E, F, D)),
+              "w2": rng.standard_normal((E, D, F)), "w3": rng.standard_normal((E, F, D))}
+    report = gradcheck(
+        lambda xs, w1, w2, w3: experts_forward_batched(xs, offsets, w1, w2, w3),
+        lambda dy, cache: dict(zip(("xs", "w1", "w2", "w3"), experts_backward_batched(dy, cache))),
+        inputs)
+    report.assert_ok(1e-6)
+
+
 def test_moe_layer_takes_the_padded_stack_only_for_small_float32_experts(rng, monkeypatch, tol):
     from tinymoe.config import ModelConfig
     from tinymoe.kernels.experts import ExpertsCache, use_batched
